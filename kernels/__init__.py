@@ -1,0 +1,10 @@
+"""Triton kernels and their launchers (``halo_ops.kernels``). No autograd here.
+
+Importing this package imports Triton; ``halo_ops`` only does so when Triton is installed.
+"""
+
+from .config import BlockConfig, interpreting
+from .linear_logprobs_bwd import linear_logprobs_backward
+from .linear_logprobs_fwd import linear_logprobs_forward
+
+__all__ = ["BlockConfig", "interpreting", "linear_logprobs_backward", "linear_logprobs_forward"]

@@ -1,0 +1,59 @@
+"""@triton.jit building blocks shared by the forward and backward kernels.
+
+Naming (fla-org style): ``b_`` blocks, ``p_`` pointers, ``o_`` offsets, ``m_`` masks.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def projection_tile(
+    h_ptr, w_ptr, bias_ptr,
+    o_n, m_n, o_v, m_v,
+    D, stride_hn, stride_hd, stride_wv, stride_wd,
+    HAS_BIAS: tl.constexpr, UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Raw projection ``y = h[o_n] · W[o_v]ᵀ + b[o_v]``: [BLOCK_N, BLOCK_V] fp32, accumulated over D."""
+    p_h = h_ptr + o_n[:, None].to(tl.int64) * stride_hn
+    p_w = w_ptr + o_v[None, :].to(tl.int64) * stride_wv
+    b_y = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        b_h = tl.load(p_h + o_d[None, :] * stride_hd, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_w = tl.load(p_w + o_d[:, None] * stride_wd, mask=m_d[:, None] & m_v[None, :], other=0.0)
+        if UPCAST_BF16:
+            # The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584)
+            b_h = b_h.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        b_y = tl.dot(b_h, b_w, b_y, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        b_y += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    return b_y
+
+
+@triton.jit
+def tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap · tanh(logit_scale · y / softcap) / temperature (softcap optional)."""
+    b_z = b_y * logit_scale
+    if HAS_SOFTCAP:
+        b_z = softcap * tanh(b_z / softcap)
+    return b_z * inv_temperature
+
+
+@triton.jit
+def logit_transform_grad(b_z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """dz/dy from the transformed z: logit_scale · (1 − tanh²) / temperature, tanh = z · temperature / softcap."""
+    scale = logit_scale * inv_temperature
+    if HAS_SOFTCAP:
+        b_t = b_z * (temperature / softcap)
+        return scale * (1.0 - b_t * b_t)
+    else:
+        return tl.full(b_z.shape, 1.0, tl.float32) * scale

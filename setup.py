@@ -1,0 +1,41 @@
+"""halo-ops: fused linear log-prob and KTO loss kernels (one import package, ``halo_ops``)."""
+
+from setuptools import setup
+
+TEST = [
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "pytest-benchmark>=4",
+    "transformers>=4.46",
+    "trl>=1.16",
+    "liger-kernel>=0.5",
+    "datasets>=3",
+    "peft>=0.13",
+    "accelerate>=1.0",
+    "numpy>=1.26",
+]
+BENCH = ["pytest-benchmark>=4", "trl>=1.16", "liger-kernel>=0.5", "cut-cross-entropy>=25.1", "matplotlib>=3.8"]
+
+setup(
+    name="halo-ops",
+    version="0.1.0",
+    description="Triton kernels for KTO and other human-aware losses that never build the [tokens, vocab] logits",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # One import package: the top-level folders kernels/ and integrations/ ship inside it, because
+    # `kernels` (the Hugging Face kernel hub) and `integrations` are too generic to be top-level modules.
+    packages=["halo_ops", "halo_ops.kernels", "halo_ops.integrations"],
+    package_dir={
+        "halo_ops": "halo_ops",
+        "halo_ops.kernels": "kernels",
+        "halo_ops.integrations": "integrations",
+    },
+    install_requires=[
+        "torch>=2.4",
+        # Triton wheels exist for Linux x86_64/aarch64; elsewhere the chunked PyTorch path runs.
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={"test": TEST, "bench": BENCH},
+    license="Apache-2.0",
+)
