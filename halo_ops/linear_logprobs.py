@@ -109,9 +109,8 @@ class LinearLogProbsFunction(torch.autograd.Function):
                 logps, lse, entropy, mean_logit = _backend_forward(spec, hidden, weight, bias, targets)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        for stat in (entropy, mean_logit):
-            if stat is not None:
-                ctx.mark_non_differentiable(stat)
+        # One call: each call replaces the set of non-differentiable outputs
+        ctx.mark_non_differentiable(*(stat for stat in (entropy, mean_logit) if stat is not None))
         return logps, entropy, mean_logit
 
     @staticmethod

@@ -1,0 +1,220 @@
+"""linear_logprobs on both paths against float64 ground truth: values, stats, every gradient."""
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from halo_ops import linear_logprobs, linear_logprobs_reference
+
+from ._cases import Case, assert_close_to_exact, check_case
+from .conftest import DEVICE, DTYPES, IMPLS
+
+OPTIONS = {
+    "plain": {},
+    "bias": {"bias": True},
+    "softcap": {"softcap": 2.5},
+    "scale_temperature": {"logit_scale": 0.6, "temperature": 1.7},
+    "everything": {"bias": True, "softcap": 4.0, "logit_scale": 1.9, "temperature": 0.8},
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_options_and_dtypes(impl, dtype, option):
+    check_case(Case(dtype=dtype, **OPTIONS[option]), impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_reductions_with_empty_rows(impl, reduction):
+    """A row with no valid token gives 0 for sum and mean, and no gradient flows from it."""
+    out = check_case(Case(batch=3, empty_rows=1, reduction=reduction, ignore_frac=0.3), impl, stats=False)
+    assert torch.all(out[0] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ignored_positions_are_zero(impl):
+    case = Case(ignore_frac=0.5)
+    hidden, weight, _, targets, _ = case.inputs()
+    out = linear_logprobs(hidden, weight, targets, impl=impl, return_stats=True)
+    ignored = targets == -100
+    for tensor in out:
+        assert torch.all(tensor[ignored] == 0)
+        assert torch.all(torch.isfinite(tensor))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_custom_ignore_index_inside_vocab(impl):
+    """ignore_index may be a real token id (a pad id); those positions are ignored, not scored."""
+    case = Case(ignore_frac=0.0, options={"ignore_index": 5})
+    hidden, weight, _, targets, _ = case.inputs()
+    targets[:, ::3] = 5
+    out = linear_logprobs(hidden, weight, targets, ignore_index=5, impl=impl)
+    ref = linear_logprobs_reference(hidden.double(), weight.double(), targets, ignore_index=5).logps
+    assert torch.all(out[targets == 5] == 0)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (3, 0)])
+def test_no_tokens(impl, shape):
+    hidden = torch.randn(*shape, 16, device=DEVICE, requires_grad=True)
+    weight = torch.randn(40, 16, device=DEVICE, requires_grad=True)
+    targets = torch.zeros(shape, dtype=torch.long, device=DEVICE)
+    out = linear_logprobs(hidden, weight, targets, impl=impl, reduction="sum" if len(shape) == 2 else "none")
+    assert out.shape == (shape[0],) if len(shape) == 2 else out.shape == shape
+    out.sum().backward()
+    assert torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_targets_ignored_is_differentiable_zero(impl):
+    case = Case(ignore_frac=1.0)
+    hidden, weight, _, targets, _ = case.inputs()
+    hidden.requires_grad_(), weight.requires_grad_()
+    out = linear_logprobs(hidden, weight, targets, impl=impl, reduction="mean")
+    assert torch.all(out == 0)
+    out.sum().backward()
+    assert torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs(impl):
+    """Transposed weight, strided hidden and targets: same numbers as contiguous copies."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(40, 2, 29, generator=gen).to(DEVICE).transpose(0, 1)  # [2, 40, 29], strided
+    weight = (torch.randn(29, 150, generator=gen) * 0.3).to(DEVICE).t()  # [150, 29], column-major
+    targets = torch.randint(0, 150, (40, 2), generator=gen).to(DEVICE).t()
+    assert not hidden.is_contiguous() and not weight.is_contiguous() and not targets.is_contiguous()
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.contiguous().requires_grad_(), weight.contiguous().requires_grad_()
+    a = linear_logprobs(h1, w1, targets, impl=impl)
+    b = linear_logprobs(h2, w2, targets.contiguous(), impl=impl)
+    torch.testing.assert_close(a, b)
+    upstream = torch.randn_like(a)
+    (a * upstream).sum().backward()
+    (b * upstream).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tied_embedding_gradients_accumulate(impl):
+    """A weight shared with the input embedding gets both contributions, as with full logits."""
+    gen = torch.Generator().manual_seed(4)
+    vocab, dim = 97, 24
+    tokens = torch.randint(0, vocab, (2, 21), generator=gen).to(DEVICE)
+    results = []
+    for fn in ("fast", "reference"):
+        weight = (torch.randn(vocab, dim, generator=torch.Generator().manual_seed(5)) * 0.2).to(DEVICE)
+        weight.requires_grad_()
+        hidden = torch.nn.functional.embedding(tokens[:, :-1], weight).tanh()
+        if fn == "fast":
+            out = linear_logprobs(hidden, weight, tokens[:, 1:], impl=impl, reduction="sum")
+        else:
+            out = linear_logprobs_reference(hidden, weight, tokens[:, 1:], reduction="sum").logps
+        out.sum().backward()
+        results.append((out.detach(), weight.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_runs_projection_in_autocast_dtype(impl, dtype):
+    """fp32 master weights under autocast: the projection runs in the autocast dtype, grads come back fp32."""
+    case = Case(dtype=torch.float32)
+    hidden, weight, _, targets, upstream = case.inputs()
+    hidden.requires_grad_(), weight.requires_grad_()
+    with torch.autocast(DEVICE, dtype=dtype):
+        out = linear_logprobs(hidden, weight, targets, impl=impl)
+    (out * upstream).sum().backward()
+    assert out.dtype == torch.float32 and hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    h, w = hidden.detach().to(dtype).double(), weight.detach().to(dtype).double()
+    exact = linear_logprobs_reference(h, w, targets).logps
+    plain = linear_logprobs_reference(hidden.detach().to(dtype), weight.detach().to(dtype), targets).logps
+    assert_close_to_exact(out, plain, exact, dtype, "autocast logps")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_only_saves_nothing(impl):
+    case = Case()
+    hidden, weight, _, targets, _ = case.inputs()
+    hidden.requires_grad_(), weight.requires_grad_()
+    with torch.no_grad():
+        out = linear_logprobs(hidden, weight, targets, impl=impl)
+    assert out.grad_fn is None
+    out = linear_logprobs(hidden.detach(), weight.detach(), targets, impl=impl)
+    assert out.grad_fn is None
+
+
+# --- property-based: shapes, ignore patterns, options, dtypes, reductions ---------------------------
+
+case_strategy = st.builds(
+    Case,
+    batch=st.integers(1, 3),
+    seq=st.integers(0, 45),
+    dim=st.sampled_from([1, 7, 16, 33, 65]),
+    vocab=st.sampled_from([2, 3, 50, 129, 257, 401]),
+    dtype=st.sampled_from(DTYPES),
+    bias=st.booleans(),
+    softcap=st.none() | st.floats(0.5, 30.0),
+    logit_scale=st.floats(0.25, 2.0),
+    temperature=st.floats(0.5, 2.0),
+    ignore_frac=st.sampled_from([0.0, 0.3, 0.9, 1.0]),
+    empty_rows=st.integers(0, 1),
+    reduction=st.sampled_from(["none", "sum", "mean"]),
+    seed=st.integers(0, 2**16),
+)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(case=case_strategy)
+def test_property_matches_float64_reference(impl, case):
+    check_case(case, impl)
+
+
+# --- Triton-specific tiling: many tiles, vocabulary splits, masked edges ---------------------------
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_triton_small_blocks_and_vocab_splits(splits, with_stats):
+    """Blocks far smaller than the problem, V not a multiple of any tile, vocab split across programs."""
+    from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
+
+    config = BlockConfig(block_n=16, block_v=32, block_d=16)
+    case = Case(batch=1, seq=71, dim=45, vocab=203, bias=True, softcap=3.0, ignore_frac=0.3)
+    hidden, weight, bias, targets, upstream = case.inputs()
+    hidden, targets, upstream = hidden[0], targets[0], upstream[0]
+    kwargs = {"ignore_index": -100, "logit_scale": 1.0, "softcap": 3.0, "temperature": 1.0}
+    logps, lse, entropy, mean_logit = linear_logprobs_forward(
+        hidden, weight, bias, targets, with_stats=with_stats, config=config, splits=splits, **kwargs)
+    exact = linear_logprobs_reference(hidden.double(), weight.double(), targets, bias.double(), softcap=3.0)
+    torch.testing.assert_close(logps.double(), exact.logps, atol=2e-5, rtol=0)
+    if with_stats:
+        torch.testing.assert_close(entropy.double(), exact.entropy, atol=2e-5, rtol=0)
+        torch.testing.assert_close(mean_logit.double(), exact.mean_logit, atol=2e-5, rtol=0)
+    grad = torch.where(targets != -100, upstream, 0.0).float()
+    grads = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, needs=(True, True, True),
+                                     config=config, **{k: v for k, v in kwargs.items() if k != "ignore_index"})
+    leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    out = linear_logprobs_reference(leaves[0], leaves[1], targets, leaves[2], softcap=3.0).logps
+    exact_grads = torch.autograd.grad((out * upstream.double()).sum(), leaves)
+    for g, e in zip(grads, exact_grads):
+        torch.testing.assert_close(g.double(), e, atol=2e-5, rtol=1e-4)
+
+
+def test_backward_skips_blocks_with_zero_coefficient():
+    """Gradients of rows with a zero upstream coefficient are exactly zero (their blocks never run)."""
+    case = Case(batch=2, seq=40, ignore_frac=0.0)
+    hidden, weight, _, targets, upstream = case.inputs()
+    hidden.requires_grad_()
+    upstream[0] = 0.0
+    out = linear_logprobs(hidden, weight, targets, impl="triton")
+    (out * upstream).sum().backward()
+    assert torch.all(hidden.grad[0] == 0) and torch.any(hidden.grad[1] != 0)
