@@ -1,0 +1,1 @@
+"""halo-ops benchmarks: ``python -m bench`` (see ``python -m bench --help``)."""
