@@ -1,0 +1,75 @@
+"""``python -m bench``: time and peak memory of halo-ops against the peers a user would pick instead."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .measure import CASES, Shape, measure
+from .providers import PROVIDERS
+from .report import add_ratios, environment, write
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=_ints, default=None, help="comma list, e.g. 1024,16384")
+    parser.add_argument("--hidden", type=_ints, default=None, help="comma list of D")
+    parser.add_argument("--vocab", type=_ints, default=None, help="comma list of V")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--cases", default="forward+backward,forward-only",
+                        help=f"comma list of {', '.join(CASES)}")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {', '.join(PROVIDERS)}")
+    parser.add_argument("--reference", default=None, help="provider the ratios are taken to (default: halo-ops, "
+                        "or halo-ops[torch] where Triton does not run)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row on CPU (CUDA uses do_bench)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--name", default=None, help="results file stem (default: logprobs-<device>)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    tokens = args.tokens or ([1024, 4096, 16384] if cuda else [16384])
+    hiddens = args.hidden or ([4096] if cuda else [128])
+    vocabs = args.vocab or ([32000, 128256] if cuda else [32000])
+    providers = [PROVIDERS[name] for name in args.providers.split(",")]
+    reference = args.reference or ("halo-ops" if PROVIDERS["halo-ops"].available(device) is None else "halo-ops[torch]")
+
+    rows = []
+    for case in args.cases.split(","):
+        for n in tokens:
+            for d in hiddens:
+                for v in vocabs:
+                    shape = Shape(n, d, v, dtype)
+                    for provider in providers:
+                        why_not = provider.available(device)
+                        base = {"provider": provider.name, "case": case, "tokens": n, "hidden": d, "vocab": v,
+                                "dtype": args.dtype or str(dtype).removeprefix("torch.")}
+                        if why_not:
+                            rows.append({**base, "note": why_not})
+                            continue
+                        try:
+                            row = measure(provider, shape, case, device, args.repeats)
+                        except torch.OutOfMemoryError:
+                            row = {**base, "note": "out of memory"}
+                        rows.append(row)
+                        shown = f"{row['ms']:9.1f} ms {row['peak_mib']:8.0f} MiB" if "ms" in row else row["note"]
+                        print(f"{case:17s} N={n:<6d} D={d:<5d} V={v:<7d} {provider.name:16s} {shown}", flush=True)
+    add_ratios(rows, reference)
+    env = environment(device)
+    csv_path, md_path = write(rows, env, args.out, args.name or f"logprobs-{device.type}", reference)
+    print(md_path.read_text())
+    print(f"wrote {csv_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""What a user would run instead, each as ``fn(hidden, weight, targets) -> per-token log-probs [N]``."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from halo_ops import linear_logprobs
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    available: Callable[[torch.device], str | None]  # None when it runs here, else why not
+
+
+def _always(_device):
+    return None
+
+
+def _needs_module(module: str, cuda_only: bool = False):
+    def check(device):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+        if cuda_only and device.type != "cuda":
+            return "runs on CUDA only"
+        return None
+
+    return check
+
+
+def plain_logprobs(hidden, weight, targets):
+    """Full logits, log-softmax in fp32, gather: what a training loop writes by default."""
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+_compiled = None
+
+
+def compiled_logprobs(hidden, weight, targets):
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(plain_logprobs)
+    return _compiled(hidden, weight, targets)
+
+
+def trl_logprobs(hidden, weight, targets):
+    from trl.kernels import ChunkedLogProbFunction
+
+    # trl.trainer.utils.add_fused_lm_head calls it with a 32768-wide vocabulary chunk
+    return ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 32768, None, 1.0, ("log_probs",))[0]
+
+
+def cce_logprobs(hidden, weight, targets):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return -linear_cross_entropy(hidden, weight, targets, reduction="none")
+
+
+def halo_logprobs(hidden, weight, targets):
+    return linear_logprobs(hidden, weight, targets, check_targets=False)
+
+
+def halo_torch_logprobs(hidden, weight, targets):
+    return linear_logprobs(hidden, weight, targets, impl="torch", check_targets=False)
+
+
+def _halo_triton_available(device):
+    from halo_ops.linear_logprobs import resolve_impl
+
+    return None if resolve_impl("auto", device, torch.float32) == "triton" else "Triton runs on CUDA only here"
+
+
+PROVIDERS = {
+    p.name: p
+    for p in (
+        Provider("halo-ops", halo_logprobs, _halo_triton_available),
+        Provider("halo-ops[torch]", halo_torch_logprobs, _always),
+        Provider("plain", plain_logprobs, _always),
+        Provider("torch.compile", compiled_logprobs, _always),
+        Provider("trl", trl_logprobs, _needs_module("trl")),
+        Provider("cce", cce_logprobs, _needs_module("cut_cross_entropy", cuda_only=True)),
+    )
+}
