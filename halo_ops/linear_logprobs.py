@@ -63,29 +63,44 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     return "triton"
 
 
-def _backend_forward(spec: _OpSpec, hidden, weight, bias, targets):
-    if spec.impl == "torch":
-        return chunked.chunked_forward(hidden, weight, bias, targets, spec.transform, spec.ignore_index,
-                                       spec.with_stats)
-    from .kernels import linear_logprobs_forward
-
+def forward_tokens(spec: _OpSpec, hidden, weight, bias, targets):
+    """(logps, lse, entropy, mean_logit), each [N], from the chosen backend; autocast off, N = 0 handled."""
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=chunked.accumulation_dtype(hidden.dtype))
+        stat = empty.clone() if spec.with_stats else None
+        return empty, empty.clone(), stat, None if stat is None else stat.clone()
     t = spec.transform
-    return linear_logprobs_forward(
-        hidden, weight, bias, targets, ignore_index=spec.ignore_index, logit_scale=t.logit_scale,
-        softcap=t.softcap, temperature=t.temperature, with_stats=spec.with_stats,
-    )
+    with torch.autocast(hidden.device.type, enabled=False):
+        if spec.impl == "torch":
+            return chunked.chunked_forward(hidden, weight, bias, targets, t, spec.ignore_index, spec.with_stats)
+        from .kernels import linear_logprobs_forward
+
+        return linear_logprobs_forward(
+            hidden, weight, bias, targets, ignore_index=spec.ignore_index, logit_scale=t.logit_scale,
+            softcap=t.softcap, temperature=t.temperature, with_stats=spec.with_stats,
+        )
 
 
-def _backend_backward(spec: _OpSpec, hidden, weight, bias, targets, lse, grad_logps, needs):
-    if spec.impl == "torch":
-        return chunked.chunked_backward(hidden, weight, bias, targets, lse, grad_logps, spec.transform, needs)
-    from .kernels import linear_logprobs_backward
+def backward_tokens(spec: _OpSpec, hidden, weight, bias, targets, lse, grad_logps, needs):
+    """Gradients of Σ_t grad_logps[t] · logp[t] for (hidden, weight, bias); None where not needed.
 
+    ``grad_logps`` [N] may be None (no gradient: zeros); it is zeroed at ignored targets here.
+    """
+    if grad_logps is None or hidden.shape[0] == 0:
+        return tuple(torch.zeros_like(x) if need and x is not None else None
+                     for x, need in zip((hidden, weight, bias), needs))
+    grad_logps = torch.where(targets != spec.ignore_index, grad_logps, 0.0)
+    grad_logps = grad_logps.to(chunked.accumulation_dtype(hidden.dtype)).contiguous()
     t = spec.transform
-    return linear_logprobs_backward(
-        hidden, weight, bias, targets, lse, grad_logps, logit_scale=t.logit_scale, softcap=t.softcap,
-        temperature=t.temperature, needs=needs,
-    )
+    with torch.autocast(hidden.device.type, enabled=False):
+        if spec.impl == "torch":
+            return chunked.chunked_backward(hidden, weight, bias, targets, lse, grad_logps, t, needs)
+        from .kernels import linear_logprobs_backward
+
+        return linear_logprobs_backward(
+            hidden, weight, bias, targets, lse, grad_logps, logit_scale=t.logit_scale, softcap=t.softcap,
+            temperature=t.temperature, needs=needs,
+        )
 
 
 class LinearLogProbsFunction(torch.autograd.Function):
@@ -99,14 +114,7 @@ class LinearLogProbsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, spec: _OpSpec):
         ctx.set_materialize_grads(False)
         ctx.spec = spec
-        with torch.autocast(hidden.device.type, enabled=False):
-            if hidden.shape[0] == 0:
-                acc = chunked.accumulation_dtype(hidden.dtype)
-                empty = hidden.new_zeros(0, dtype=acc)
-                logps, lse = empty, empty
-                entropy = mean_logit = empty.clone() if spec.with_stats else None
-            else:
-                logps, lse, entropy, mean_logit = _backend_forward(spec, hidden, weight, bias, targets)
+        logps, lse, entropy, mean_logit = forward_tokens(spec, hidden, weight, bias, targets)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
         # One call: each call replaces the set of non-differentiable outputs
@@ -116,17 +124,9 @@ class LinearLogProbsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps, *_unused_stat_grads):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        spec: _OpSpec = ctx.spec
-        needs = tuple(ctx.needs_input_grad[:3])
-        if grad_logps is None or hidden.shape[0] == 0:
-            grads = tuple(torch.zeros_like(x) if need and x is not None else None
-                          for x, need in zip((hidden, weight, bias), needs))
-            return (*grads, None, None)
-        grad_logps = torch.where(targets != spec.ignore_index, grad_logps, 0.0)
-        grad_logps = grad_logps.to(chunked.accumulation_dtype(hidden.dtype)).contiguous()
-        with torch.autocast(hidden.device.type, enabled=False):
-            grad_h, grad_w, grad_b = _backend_backward(spec, hidden, weight, bias, targets, lse, grad_logps, needs)
-        return grad_h, grad_w, grad_b, None, None
+        grads = backward_tokens(ctx.spec, hidden, weight, bias, targets, lse, grad_logps,
+                                tuple(ctx.needs_input_grad[:3]))
+        return (*grads, None, None)
 
 
 def _autocast(tensor: torch.Tensor | None, device_type: str) -> torch.Tensor | None:
@@ -134,6 +134,22 @@ def _autocast(tensor: torch.Tensor | None, device_type: str) -> torch.Tensor | N
         return tensor
     dtype = torch.get_autocast_dtype(device_type)
     return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+
+def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_scale, softcap, temperature, impl,
+                          with_stats, check_targets, check_finite):
+    """Autocast, validation and backend choice shared by the public ops.
+
+    Returns (hidden [N, D], weight, bias, targets [N] int64 contiguous, spec).
+    """
+    transform = LogitTransform(logit_scale, softcap, temperature)
+    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    hidden, weight, bias = (_autocast(x, device_type) for x in (hidden, weight, bias))
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
+                        check_targets=check_targets, check_finite=check_finite)
+    spec = _OpSpec(resolve_impl(impl, hidden.device, hidden.dtype), transform, int(ignore_index), with_stats)
+    flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
+    return hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, spec
 
 
 def linear_logprobs(
@@ -181,17 +197,11 @@ def linear_logprobs(
     projection runs in the autocast dtype.
     """
     check_reduction(reduction)
-    transform = LogitTransform(logit_scale, softcap, temperature)
-    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
-    hidden, weight, bias = (_autocast(x, device_type) for x in (hidden, weight, bias))
-    check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
-                        check_targets=check_targets, check_finite=check_finite)
-    spec = _OpSpec(resolve_impl(impl, hidden.device, hidden.dtype), transform, int(ignore_index), return_stats)
-
-    flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
-    logps, entropy, mean_logit = LinearLogProbsFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, spec
-    )
+    hidden2d, weight, bias, flat_targets, spec = prepare_linear_inputs(
+        hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
+        temperature=temperature, impl=impl, with_stats=return_stats, check_targets=check_targets,
+        check_finite=check_finite)
+    logps, entropy, mean_logit = LinearLogProbsFunction.apply(hidden2d, weight, bias, flat_targets, spec)
     valid = targets != ignore_index
     logps = reduce_last_dim(logps.view(targets.shape), valid, reduction)
     if not return_stats:

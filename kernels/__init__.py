@@ -4,7 +4,14 @@ Importing this package imports Triton; ``halo_ops`` only does so when Triton is 
 """
 
 from .config import BlockConfig, interpreting
+from .kto_sequence import kto_sequence_terms
 from .linear_logprobs_bwd import linear_logprobs_backward
 from .linear_logprobs_fwd import linear_logprobs_forward
 
-__all__ = ["BlockConfig", "interpreting", "linear_logprobs_backward", "linear_logprobs_forward"]
+__all__ = [
+    "BlockConfig",
+    "interpreting",
+    "kto_sequence_terms",
+    "linear_logprobs_backward",
+    "linear_logprobs_forward",
+]
