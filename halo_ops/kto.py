@@ -115,8 +115,10 @@ def kto_losses(policy_logps, ref_logps, labels, kl, beta, desirable_weight, unde
 
     ``kl`` is z0 as a 0-d tensor (already 0 for apo_zero_unpaired).
     """
-    sign = torch.where(labels, 1.0, -1.0).to(policy_logps.dtype)
-    weight = torch.where(labels, float(desirable_weight), float(undesirable_weight)).to(policy_logps.dtype)
+    # Built in the log-probs' dtype: a Python-float torch.where would round the weights to float32
+    new = policy_logps.new_tensor
+    sign = torch.where(labels, new(1.0), new(-1.0))
+    weight = torch.where(labels, new(float(desirable_weight)), new(float(undesirable_weight)))
     x = sign * beta * (policy_logps - ref_logps.detach() - kl)
     losses = weight * torch.sigmoid(-x)
     return losses, losses.sum() / max(policy_logps.shape[0], 1)

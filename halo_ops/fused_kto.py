@@ -1,0 +1,188 @@
+"""``fused_linear_kto_loss``: the KTO loss straight from hidden states and the LM head, one autograd Function.
+
+Forward: the projection kernel gives per-token log-probs (and entropy and mean logit for TRL's
+metrics) without logits; a per-sequence sum (or mean); then the sequence-level kernel gives the
+losses, the metric sums and one coefficient per sequence, c_i = dL/dlogp_i. Saved: hidden,
+weight, bias, targets, the per-token logsumexp and the coefficients. Backward: one projection
+backward with per-token coefficient ``grad_loss · c_i`` (÷ token count for the mean), which skips
+token blocks whose coefficient is exactly zero (ignored tokens; with ``saturation_threshold``,
+saturated sequences).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .kto import (
+    KTOOutput,
+    _check_sequence_tensor,
+    _kl_value,
+    as_bool_labels,
+    check_kto_options,
+    kto_losses,
+    metric_sums,
+    metrics_from_sums,
+)
+from .linear_logprobs import _OpSpec, backward_tokens, forward_tokens, prepare_linear_inputs
+
+
+@dataclass(frozen=True)
+class _KTOSpec:
+    op: _OpSpec
+    batch: int
+    seq: int
+    beta: float
+    desirable_weight: float
+    undesirable_weight: float
+    average_log_prob: bool
+    saturation_threshold: float
+
+
+def _sequence_terms(spec: _KTOSpec, policy_logps, ref_logps, labels, kl, token_stats):
+    """(losses, coeff, rewards, sums) [B], [B], [B], [len(SUM_KEYS)]: Triton kernel or PyTorch autograd."""
+    if spec.op.impl == "triton":
+        from .kernels import kto_sequence_terms
+
+        return kto_sequence_terms(policy_logps, ref_logps, labels, kl, beta=spec.beta,
+                                  desirable_weight=spec.desirable_weight,
+                                  undesirable_weight=spec.undesirable_weight, token_stats=token_stats)
+    with torch.enable_grad():
+        logps = policy_logps.detach().float().requires_grad_()
+        losses, loss = kto_losses(logps, ref_logps.float(), labels, kl.float(), spec.beta, spec.desirable_weight,
+                                  spec.undesirable_weight)
+        coeff = torch.autograd.grad(loss, logps)[0] if spec.batch else torch.zeros_like(logps)
+    rewards = spec.beta * (policy_logps.float() - ref_logps.float())
+    sums = metric_sums(losses, policy_logps, rewards, labels, *(token_stats or (None, None, None)))
+    return losses.detach(), coeff, rewards, sums
+
+
+class FusedLinearKTOFunction(torch.autograd.Function):
+    """hidden [N, D], weight [V, D], bias, targets [N] (N = B·T), labels [B] bool, ref_logps [B], z0 0-d.
+
+    Returns (loss, losses [B], policy_logps [B], rewards [B], sums); only ``loss`` is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, labels, ref_logps, kl, spec: _KTOSpec):
+        ctx.set_materialize_grads(False)
+        token_logps, lse, entropy, mean_logit = forward_tokens(spec.op, hidden, weight, bias, targets)
+        valid = (targets != spec.op.ignore_index).view(spec.batch, spec.seq)
+        counts = valid.sum(-1).float()
+        policy_logps = token_logps.float().view(spec.batch, spec.seq).sum(-1)
+        if spec.average_log_prob:
+            policy_logps = policy_logps / counts.clamp(min=1)
+        token_stats = (mean_logit.view(spec.batch, spec.seq).sum(-1), counts,
+                       entropy.view(spec.batch, spec.seq).sum(-1))
+        losses, coeff, rewards, sums = _sequence_terms(spec, policy_logps, ref_logps, labels, kl, token_stats)
+        if spec.saturation_threshold > 0:
+            coeff = torch.where(coeff.abs() < spec.saturation_threshold / max(spec.batch, 1), 0.0, coeff)
+        if spec.average_log_prob:
+            coeff = coeff / counts.clamp(min=1)
+        loss = sums[0] / max(spec.batch, 1)
+        ctx.spec = spec
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(hidden, weight, bias, targets, lse, coeff)
+        ctx.mark_non_differentiable(losses, policy_logps, rewards, sums)
+        return loss, losses, policy_logps, rewards, sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        hidden, weight, bias, targets, lse, coeff = ctx.saved_tensors
+        spec: _KTOSpec = ctx.spec
+        grad_tokens = None
+        if grad_loss is not None:
+            grad_tokens = (grad_loss * coeff).unsqueeze(1).expand(spec.batch, spec.seq).reshape(-1)
+        grads = backward_tokens(spec.op, hidden, weight, bias, targets, lse, grad_tokens,
+                                tuple(ctx.needs_input_grad[:3]))
+        return (*grads, None, None, None, None, None)
+
+
+def fused_linear_kto_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    labels,
+    ref_logps: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    kl: torch.Tensor | float | None = None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    average_log_prob: bool = False,
+    saturation_threshold: float = 0.0,
+    impl: str = "auto",
+    check_targets: bool = True,
+    check_finite: bool = False,
+) -> KTOOutput:
+    """The KTO loss of TRL's KTOTrainer from the policy's last hidden states, never building the logits.
+
+    Args:
+        hidden: ``[B, T, D]`` policy hidden states; ``hidden[:, t]`` predicts ``targets[:, t]``.
+        weight: ``[V, D]`` LM head; ``bias`` optional ``[V]``.
+        targets: ``[B, T]`` completion token ids, ``ignore_index`` on prompt and padding.
+        labels: ``[B]`` bool or 0/1, True for desirable.
+        ref_logps: ``[B]`` reference log-probs of the same completions (constants), e.g. from
+            :func:`halo_ops.linear_logprobs` on the reference model's hidden states under
+            ``torch.no_grad()`` (which saves nothing), or precomputed.
+        kl: the reference point z0 from :func:`halo_ops.kto_kl`, or None for 0.
+        beta, desirable_weight, undesirable_weight, loss_type: as TRL's ``KTOConfig``.
+        logit_scale, softcap, temperature, ignore_index, impl, check_targets, check_finite: as
+            :func:`halo_ops.linear_logprobs`.
+        average_log_prob: the per-sequence log-prob is the mean over its scored tokens instead of
+            the sum (TRL's default is the sum).
+        saturation_threshold: if > 0, sequences whose gradient coefficient |dloss_i/dlogp_i| is
+            below it are left out of the backward (the sigmoid is saturated there). Approximate:
+            the gradient error is at most ``saturation_threshold / B · Σ_skipped ‖∇ logp_i‖``.
+            Off (0) by default.
+
+    Returns a :class:`KTOOutput`; ``loss`` is differentiable with respect to hidden, weight and
+    bias, the other fields are detached values. Metrics include TRL's ``logits/*`` (mean logit
+    over the completion tokens) and ``entropy``.
+    """
+    check_kto_options(beta, desirable_weight, undesirable_weight, loss_type)
+    if not saturation_threshold >= 0:
+        raise ValueError(f"saturation_threshold must be >= 0, got {saturation_threshold!r}")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, D], got {tuple(getattr(hidden, 'shape', ()))}")
+    batch, seq = hidden.shape[:2]
+    hidden2d, weight, bias, flat_targets, op = prepare_linear_inputs(
+        hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
+        temperature=temperature, impl=impl, with_stats=True, check_targets=check_targets,
+        check_finite=check_finite)
+    labels = as_bool_labels(labels, batch, hidden.device)
+    _check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)
+    z0 = _kl_value(kl, loss_type, ref_logps.float())
+    spec = _KTOSpec(op, batch, seq, float(beta), float(desirable_weight), float(undesirable_weight),
+                    bool(average_log_prob), float(saturation_threshold))
+    loss, losses, policy_logps, rewards, sums = FusedLinearKTOFunction.apply(
+        hidden2d, weight, bias, flat_targets, labels, ref_logps.detach(), z0, spec)
+    return KTOOutput(loss=loss, losses=losses, kl=z0, policy_logps=policy_logps, rewards=rewards, labels=labels,
+                     metrics=metrics_from_sums(sums, z0, with_token_stats=True))
+
+
+class FusedLinearKTOLoss(nn.Module):
+    """``nn.Module`` form of :func:`fused_linear_kto_loss`; the constructor takes its keyword options.
+
+    ``forward(hidden, weight, targets, labels, ref_logps, bias=None, kl=None) -> KTOOutput``.
+    """
+
+    def __init__(self, **options):
+        super().__init__()
+        check_kto_options(options.get("beta", 0.1), options.get("desirable_weight", 1.0),
+                          options.get("undesirable_weight", 1.0), options.get("loss_type", "kto"))
+        self.options = options
+
+    def forward(self, hidden, weight, targets, labels, ref_logps, bias=None, kl=None) -> KTOOutput:
+        return fused_linear_kto_loss(hidden, weight, targets, labels, ref_logps, bias=bias, kl=kl, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
