@@ -1,0 +1,163 @@
+"""A fused LM head for any transformers causal LM: per-token log-probs (or the KTO loss) without logits.
+
+    from halo_ops.integrations.transformers import add_fused_lm_head
+
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits"))
+    out = model(input_ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    out.log_probs          # [B, T - 1], 0 where the next-token label is -100
+
+Called with ``fused_lm_head=True`` the model runs its backbone and hands the last hidden states to
+:func:`halo_ops.linear_logprobs`; the result has the fields and semantics of TRL 1.16's
+``FusedCausalLMOutput``. Without the flag the original forward runs, so generation is unchanged.
+With ``kto={...}`` as well (labels, ref_logps, kl and KTO options), the forward returns the KTO loss of
+:func:`halo_ops.fused_linear_kto_loss` in ``out.loss`` and the :class:`halo_ops.KTOOutput` in
+``out.kto``: the loss is computed inside the model's forward, where DDP and ZeRO-3 expect it.
+
+No per-architecture code: the backbone is ``model.base_model``, the head ``get_output_embeddings()``
+(looked up on every call, so PEFT and FSDP wrappers added later are seen), and the logit transform
+comes from the config (``final_logit_softcapping``; ``logit_scale``, ``output_multiplier``,
+``lm_head_multiplier`` or ``logits_scaling``, read as TRL reads them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+
+from ..fused_kto import fused_linear_kto_loss
+from ..kto import KTOOutput
+from ..linear_logprobs import linear_logprobs
+
+try:
+    from transformers.utils import ModelOutput
+except ImportError:  # pragma: no cover - transformers is needed for this module only
+    raise ImportError("halo_ops.integrations.transformers needs the transformers package") from None
+
+SUPPORTED_OUTPUTS = ("log_probs", "entropy", "mean_logits")
+
+
+@dataclass
+class FusedCausalLMOutput(ModelOutput):
+    """TRL 1.16's ``FusedCausalLMOutput`` fields (per-token fields are 0 where the label is -100), plus ``kto``.
+
+    ``log_sum_sq_probs`` and ``is_top1`` are always None here (halo-ops does not compute them).
+    """
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    kto: KTOOutput | None = None
+
+
+def logit_transform_from_config(config) -> dict:
+    """``{"logit_scale", "softcap"}`` from a transformers config, as TRL's ``add_fused_lm_head`` reads them."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        # Granite and MiniCPM3 divide by logits_scaling; HyperCLOVA X multiplies by it
+        scaling = text_config.logits_scaling
+        scale = scaling if getattr(text_config, "model_type", None) == "hyperclovax" else 1 / scaling
+    return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": softcap}
+
+
+@contextlib.contextmanager
+def full_lm_head(weight: torch.Tensor, bias: torch.Tensor | None):
+    """The LM head's full weight and bias for a direct read: FSDP2 DTensors gathered, ZeRO-3 shards gathered.
+
+    ZeRO-3 shards are gathered with ``deepspeed.zero.GatheredParameters`` when deepspeed is installed and
+    the parameters are partitioned.
+    """
+    params = [p for p in (weight, bias) if p is not None and hasattr(p, "ds_id")]
+    gather = contextlib.nullcontext()
+    if params:
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        to_gather = {id(p): p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE}
+        if to_gather:
+            gather = deepspeed.zero.GatheredParameters(list(to_gather.values()))
+    with gather:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - older torch
+            DTensor = ()
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+        yield weight, bias
+
+
+def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ...] = ("log_probs",)) -> None:
+    """Patch ``model.forward`` so ``model(..., labels=labels, fused_lm_head=True)`` scores labels without logits.
+
+    Args:
+        model: a transformers causal LM (add the head before wrapping the model with PEFT).
+        temperature: the logits are divided by it.
+        outputs: per-token fields to compute, among ``"log_probs"``, ``"entropy"`` and
+            ``"mean_logits"``; ``log_probs`` (and ``loss``) always are.
+
+    The fused forward takes ``labels`` [B, L] (shifted by one inside, as the model's own loss does) or
+    pre-shifted ``shift_labels`` [B, T], an optional ``num_items_in_batch`` for the loss's
+    denominator, and optionally ``kto``: a dict with ``labels``, ``ref_logps`` and the keyword
+    options of :func:`halo_ops.fused_linear_kto_loss` (``kl``, ``beta``, ...).
+    """
+    unknown = set(outputs) - set(SUPPORTED_OUTPUTS)
+    if unknown:
+        raise ValueError(f"outputs must be among {SUPPORTED_OUTPUTS}; halo-ops does not compute {sorted(unknown)}")
+    original_forward = model.forward
+    transform = logit_transform_from_config(model.config)
+    with_stats = "entropy" in outputs or "mean_logits" in outputs
+
+    # Keep the original signature: `generate` validates its model kwargs against it
+    @functools.wraps(type(model).forward)
+    def fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                      kto=None, **kwargs):
+        if not fused_lm_head:
+            for name, value in (("labels", labels), ("shift_labels", shift_labels),
+                                ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kwargs[name] = value
+            return original_forward(*args, **kwargs)
+
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, targets = hidden[:, :-1], labels[:, 1:]
+        else:
+            targets = shift_labels
+        head = self.get_output_embeddings()
+        hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
+        mask = targets != -100
+        with full_lm_head(head.weight, head.bias) as (weight, bias):
+            if kto is not None:
+                kto = dict(kto)
+                kto_out = fused_linear_kto_loss(hidden, weight, targets, kto.pop("labels"), kto.pop("ref_logps"),
+                                                bias=bias, temperature=temperature, **transform, **kto)
+                return FusedCausalLMOutput(loss=kto_out.loss, label_mask=mask, kto=kto_out)
+            out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature, return_stats=with_stats,
+                                  **transform)
+        log_probs = out.logps if with_stats else out
+        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / denominator,
+            log_probs=log_probs,
+            entropy=out.entropy if "entropy" in outputs else None,
+            mean_logits=out.mean_logit if "mean_logits" in outputs else None,
+            label_mask=mask,
+        )
+
+    model.forward = types.MethodType(fused_forward, model)
