@@ -13,6 +13,7 @@ TEST = [
     "peft>=0.13",
     "accelerate>=1.0",
     "numpy>=1.26",
+    "matplotlib>=3.8",  # the demo's plot
 ]
 BENCH = ["pytest-benchmark>=4", "trl>=1.16", "liger-kernel>=0.5", "cut-cross-entropy>=25.1", "matplotlib>=3.8"]
 
