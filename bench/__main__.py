@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .measure import CASES, Shape, measure
+from .kto_step import KTO_PROVIDERS, KTOShape, mean_entropy
+from .measure import CASES, Shape, measure, measure_kto_step
 from .providers import PROVIDERS
-from .report import add_ratios, environment, write
+from .report import add_ratios, environment, plot, write
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -27,12 +28,16 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--cases", default="forward+backward,forward-only",
                         help=f"comma list of {', '.join(CASES)}")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {', '.join(PROVIDERS)}")
+    parser.add_argument("--providers", default=None,
+                        help=f"comma list (default: all that apply) of {', '.join(dict.fromkeys([*PROVIDERS, *KTO_PROVIDERS]))}")
+    parser.add_argument("--seq", type=int, default=512, help="kto-step: tokens per sequence (B = tokens / seq)")
+    parser.add_argument("--distribution", default="random",
+                        help="comma list of random, peaked (logits like a trained model's; kto-step)")
     parser.add_argument("--reference", default=None, help="provider the ratios are taken to (default: halo-ops, "
                         "or halo-ops[torch] where Triton does not run)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row on CPU (CUDA uses do_bench)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--name", default=None, help="results file stem (default: logprobs-<device>)")
+    parser.add_argument("--name", default=None, help="results file stem (default: bench-<device>)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -41,34 +46,48 @@ def main(argv=None) -> None:
     tokens = args.tokens or ([1024, 4096, 16384] if cuda else [16384])
     hiddens = args.hidden or ([4096] if cuda else [128])
     vocabs = args.vocab or ([32000, 128256] if cuda else [32000])
-    providers = [PROVIDERS[name] for name in args.providers.split(",")]
+    wanted = args.providers.split(",") if args.providers else None
     reference = args.reference or ("halo-ops" if PROVIDERS["halo-ops"].available(device) is None else "halo-ops[torch]")
-
     rows = []
     for case in args.cases.split(","):
+        registry = KTO_PROVIDERS if case == "kto-step" else PROVIDERS
+        providers = [registry[name] for name in (wanted or registry) if name in registry]
+        distributions = args.distribution.split(",") if case == "kto-step" else ["random"]
         for n in tokens:
             for d in hiddens:
                 for v in vocabs:
-                    shape = Shape(n, d, v, dtype)
-                    for provider in providers:
-                        why_not = provider.available(device)
-                        base = {"provider": provider.name, "case": case, "tokens": n, "hidden": d, "vocab": v,
-                                "dtype": args.dtype or str(dtype).removeprefix("torch.")}
-                        if why_not:
-                            rows.append({**base, "note": why_not})
-                            continue
-                        try:
-                            row = measure(provider, shape, case, device, args.repeats)
-                        except torch.OutOfMemoryError:
-                            row = {**base, "note": "out of memory"}
-                        rows.append(row)
-                        shown = f"{row['ms']:9.1f} ms {row['peak_mib']:8.0f} MiB" if "ms" in row else row["note"]
-                        print(f"{case:17s} N={n:<6d} D={d:<5d} V={v:<7d} {provider.name:16s} {shown}", flush=True)
+                    for distribution in distributions:
+                        if case == "kto-step":
+                            shape = KTOShape(max(1, n // args.seq), min(n, args.seq), d, v, dtype,
+                                             peaked=distribution == "peaked")
+                            entropy = mean_entropy(shape, device)
+                        else:
+                            shape, entropy = Shape(n, d, v, dtype), None
+                        for provider in providers:
+                            base = {"provider": provider.name, "case": case, "tokens": n, "hidden": d, "vocab": v,
+                                    "dtype": str(dtype).removeprefix("torch."), "distribution": distribution,
+                                    "entropy": entropy}
+                            why_not = provider.available(device)
+                            if why_not:
+                                rows.append({**base, "note": why_not})
+                                continue
+                            try:
+                                row = (measure_kto_step(provider, shape, device, args.repeats) if case == "kto-step"
+                                       else measure(provider, shape, case, device, args.repeats))
+                                row = {**base, **row}
+                            except torch.OutOfMemoryError:
+                                row = {**base, "note": "out of memory"}
+                            rows.append(row)
+                            shown = (f"{row['ms']:9.1f} ms {row['peak_mib']:8.0f} MiB" if "ms" in row
+                                     else row["note"])
+                            print(f"{case:17s} N={n:<6d} D={d:<5d} V={v:<7d} {distribution:7s} {provider.name:16s} "
+                                  f"{shown}", flush=True)
     add_ratios(rows, reference)
     env = environment(device)
-    csv_path, md_path = write(rows, env, args.out, args.name or f"logprobs-{device.type}", reference)
+    csv_path, md_path = write(rows, env, args.out, args.name or f"bench-{device.type}", reference)
     print(md_path.read_text())
-    print(f"wrote {csv_path} and {md_path}")
+    png = plot(rows, md_path.with_suffix(".png"))
+    print(f"wrote {csv_path}, {md_path}" + (f" and {png}" if png else ""))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from .memory import peak_extra_bytes
 from .providers import Provider
 
-CASES = ("forward", "backward", "forward+backward", "forward-only")
+CASES = ("forward", "backward", "forward+backward", "forward-only", "kto-step")
 
 
 @dataclass
@@ -83,5 +83,22 @@ def measure(provider: Provider, shape: Shape, case: str, device: torch.device, r
         hidden.grad = weight.grad = None
         peak, _ = peak_extra_bytes(run, device)
     return {"provider": provider.name, "case": case, "tokens": shape.tokens, "hidden": shape.hidden,
+            "vocab": shape.vocab, "dtype": str(shape.dtype).removeprefix("torch."), "ms": seconds * 1e3,
+            "peak_mib": peak / 2**20}
+
+
+def measure_kto_step(provider: Provider, shape, device: torch.device, repeats: int = 3) -> dict:
+    """One row for the whole LM-head part of a KTO step (``bench.kto_step``): median seconds and peak bytes."""
+    x = shape.inputs(device)
+
+    def step():
+        x["hidden"].grad = x["weight"].grad = None
+        provider.fn(x)
+
+    step()  # warm-up (compiles)
+    seconds = _median_seconds(step, device, repeats)
+    x["hidden"].grad = x["weight"].grad = None
+    peak, _ = peak_extra_bytes(step, device)
+    return {"provider": provider.name, "case": "kto-step", "tokens": shape.tokens, "hidden": shape.hidden,
             "vocab": shape.vocab, "dtype": str(shape.dtype).removeprefix("torch."), "ms": seconds * 1e3,
             "peak_mib": peak / 2**20}

@@ -37,7 +37,7 @@ def environment(device: torch.device) -> dict:
 
 
 def _key(row):
-    return row["case"], row["tokens"], row["hidden"], row["vocab"], row["dtype"]
+    return row["case"], row["tokens"], row["hidden"], row["vocab"], row["dtype"], row.get("distribution")
 
 
 def add_ratios(rows: list[dict], reference: str) -> None:
@@ -52,8 +52,8 @@ def add_ratios(rows: list[dict], reference: str) -> None:
 
 def write(rows: list[dict], env: dict, out_dir: Path, stem: str, reference: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns = ["provider", "case", "tokens", "hidden", "vocab", "dtype", "ms", "peak_mib", "time_x", "mem_x",
-               "note"]
+    columns = ["provider", "case", "tokens", "hidden", "vocab", "dtype", "distribution", "entropy", "ms", "peak_mib",
+               "time_x", "mem_x", "note"]
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     with open(csv_path, "w", newline="") as f:
         f.write("".join(f"# {k}: {v}\n" for k, v in env.items()))
@@ -68,15 +68,52 @@ def write(rows: list[dict], env: dict, out_dir: Path, stem: str, reference: str)
              f"Ratios are to `{reference}` on the same case (time_x > 1: slower than it; mem_x > 1: more memory). "
              "Peak memory is beyond the inputs: on CUDA from the allocator, on CPU the process's resident "
              "high-water mark (an upper bound).", "",
-             "| provider | case | tokens | hidden | vocab | dtype | ms (median) | peak MiB | time × | memory × |",
-             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "| provider | case | tokens | hidden | vocab | dtype | logits (mean entropy) | ms (median) | peak MiB "
+             "| time × | memory × |",
+             "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
+        logits = r.get("distribution", "random")
+        if r.get("entropy") is not None:
+            logits += f" ({r['entropy']:.2f} nats)"
+        head = f"| {r['provider']} | {r['case']} | {r['tokens']} | {r['hidden']} | {r['vocab']} | {r['dtype']} | {logits} "
         if "ms" not in r:
-            lines.append(f"| {r['provider']} | {r['case']} | {r['tokens']} | {r['hidden']} | {r['vocab']} | "
-                         f"{r['dtype']} | n/a: {r['note']} | | | |")
+            lines.append(head + f"| n/a: {r['note']} | | | |")
             continue
-        lines.append(f"| {r['provider']} | {r['case']} | {r['tokens']} | {r['hidden']} | {r['vocab']} | {r['dtype']} "
-                     f"| {fmt(r['ms'], '.1f')} | {fmt(r['peak_mib'], '.0f')} | {fmt(r.get('time_x'), '.2f')} "
+        lines.append(head + f"| {fmt(r['ms'], '.1f')} | {fmt(r['peak_mib'], '.0f')} | {fmt(r.get('time_x'), '.2f')} "
                      f"| {fmt(r.get('mem_x'), '.2f')} |")
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Time and peak memory against tokens, one line per provider, one row of panels per (case, V, logits)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    measured = [r for r in rows if "ms" in r]
+    panels = sorted({(r["case"], r["vocab"], r["hidden"], r.get("distribution", "random")) for r in measured},
+                    key=str)
+    if not panels or len({r["tokens"] for r in measured}) < 2:
+        return None  # one point per line says nothing a table does not
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    for (case, vocab, hidden, distribution), (ax_time, ax_mem) in zip(panels, axes):
+        for provider in dict.fromkeys(r["provider"] for r in measured):
+            line = sorted((r["tokens"], r["ms"], r["peak_mib"]) for r in measured if r["provider"] == provider and
+                          (r["case"], r["vocab"], r["hidden"], r.get("distribution", "random")) ==
+                          (case, vocab, hidden, distribution))
+            if line:
+                tokens, ms, mib = zip(*line)
+                ax_time.plot(tokens, ms, marker="o", label=provider)
+                ax_mem.plot(tokens, [max(m, 0.1) for m in mib], marker="o", label=provider)
+        title = f"{case}, D={hidden}, V={vocab}, {distribution}"
+        ax_time.set(title=f"time: {title}", xlabel="tokens", ylabel="ms (median)", xscale="log", yscale="log")
+        ax_mem.set(title=f"peak memory: {title}", xlabel="tokens", ylabel="MiB beyond inputs (floor 0.1)",
+                   xscale="log", yscale="log")
+        ax_time.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return path

@@ -1,0 +1,1 @@
+"""``pytest bench/ --benchmark-only``: the benchmark suite runs halo-ops' torch path on CPU and Triton on CUDA."""
