@@ -122,6 +122,7 @@ def fused_linear_kto_loss(
     impl: str = "auto",
     check_targets: bool = True,
     check_finite: bool = False,
+    deterministic: bool = False,
 ) -> KTOOutput:
     """The KTO loss of TRL's KTOTrainer from the policy's last hidden states, never building the logits.
 
@@ -135,8 +136,8 @@ def fused_linear_kto_loss(
             ``torch.no_grad()`` (which saves nothing), or precomputed.
         kl: the reference point z0 from :func:`halo_ops.kto_kl`, or None for 0.
         beta, desirable_weight, undesirable_weight, loss_type: as TRL's ``KTOConfig``.
-        logit_scale, softcap, temperature, ignore_index, impl, check_targets, check_finite: as
-            :func:`halo_ops.linear_logprobs`.
+        logit_scale, softcap, temperature, ignore_index, impl, check_targets, check_finite,
+            deterministic: as :func:`halo_ops.linear_logprobs`.
         average_log_prob: the per-sequence log-prob is the mean over its scored tokens instead of
             the sum (TRL's default is the sum).
         saturation_threshold: if > 0, sequences whose gradient coefficient |dloss_i/dlogp_i| is
@@ -157,7 +158,7 @@ def fused_linear_kto_loss(
     hidden2d, weight, bias, flat_targets, op = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, impl=impl, with_stats=True, check_targets=check_targets,
-        check_finite=check_finite)
+        check_finite=check_finite, deterministic=deterministic)
     labels = as_bool_labels(labels, batch, hidden.device)
     _check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)
     z0 = _kl_value(kl, loss_type, ref_logps.float())

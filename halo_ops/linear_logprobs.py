@@ -31,6 +31,7 @@ class _OpSpec:
     transform: LogitTransform
     ignore_index: int
     with_stats: bool
+    deterministic: bool = False
 
 
 def _interpreting() -> bool:
@@ -99,7 +100,7 @@ def backward_tokens(spec: _OpSpec, hidden, weight, bias, targets, lse, grad_logp
 
         return linear_logprobs_backward(
             hidden, weight, bias, targets, lse, grad_logps, logit_scale=t.logit_scale, softcap=t.softcap,
-            temperature=t.temperature, needs=needs,
+            temperature=t.temperature, needs=needs, deterministic=spec.deterministic,
         )
 
 
@@ -137,7 +138,7 @@ def _autocast(tensor: torch.Tensor | None, device_type: str) -> torch.Tensor | N
 
 
 def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_scale, softcap, temperature, impl,
-                          with_stats, check_targets, check_finite):
+                          with_stats, check_targets, check_finite, deterministic=False):
     """Autocast, validation and backend choice shared by the public ops.
 
     Returns (hidden [N, D], weight, bias, targets [N] int64 contiguous, spec).
@@ -147,7 +148,8 @@ def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_
     hidden, weight, bias = (_autocast(x, device_type) for x in (hidden, weight, bias))
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
                         check_targets=check_targets, check_finite=check_finite)
-    spec = _OpSpec(resolve_impl(impl, hidden.device, hidden.dtype), transform, int(ignore_index), with_stats)
+    spec = _OpSpec(resolve_impl(impl, hidden.device, hidden.dtype), transform, int(ignore_index), with_stats,
+                   bool(deterministic))
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, spec
 
@@ -167,6 +169,7 @@ def linear_logprobs(
     return_stats: bool = False,
     check_targets: bool = True,
     check_finite: bool = False,
+    deterministic: bool = False,
 ) -> torch.Tensor | LinearLogProbs:
     """Log-probabilities of ``targets`` under a linear LM head, never building the ``[N, V]`` logits.
 
@@ -191,6 +194,8 @@ def linear_logprobs(
             pass (no gradient), as a :class:`LinearLogProbs`.
         check_targets: raise on targets outside ``[0, V)`` (reads them on the host: one sync).
         check_finite: raise on NaN/inf in hidden, weight or bias (one extra pass and a sync).
+        deterministic: Triton backward without atomics, bitwise reproducible from run to run, at the
+            cost of one more logits recompute (the PyTorch path is always deterministic).
 
     Returns float32 log-probs (float64 for float64 inputs), differentiable with respect to hidden,
     weight and bias; gradients come back in the inputs' dtypes. Under ``torch.autocast`` the
@@ -200,7 +205,7 @@ def linear_logprobs(
     hidden2d, weight, bias, flat_targets, spec = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, impl=impl, with_stats=return_stats, check_targets=check_targets,
-        check_finite=check_finite)
+        check_finite=check_finite, deterministic=deterministic)
     logps, entropy, mean_logit = LinearLogProbsFunction.apply(hidden2d, weight, bias, flat_targets, spec)
     valid = targets != ignore_index
     logps = reduce_last_dim(logps.view(targets.shape), valid, reduction)

@@ -6,7 +6,10 @@ of z from h, W and b, then
     dL/dz = g · (onehot(target) − exp(z − lse)),   dL/dy = dL/dz · dz/dy
 
 and adds ``dL/dy · W`` into dH and ``dL/dyᵀ · H`` into dW (and ``Σ dL/dy`` into db), D chunk by
-D chunk, with fp32 atomics: three GEMMs' worth of work in all. Token blocks whose coefficients
+D chunk, with fp32 atomics: three GEMMs' worth of work in all. ``deterministic=True`` runs two
+owner-computes kernels instead (``linear_logprobs_bwd_dh_kernel`` over token blocks,
+``linear_logprobs_bwd_dw_kernel`` over vocabulary blocks): no atomics, a fixed summation order, one
+more logits recompute. Token blocks whose coefficients
 are all exactly zero (ignored tokens, forward-only rows) return at once. The saved lse is +inf
 at ignored tokens, so their softmax reads as 0 and no NaN appears.
 """
@@ -19,6 +22,67 @@ import triton.language as tl
 
 from .config import BACKWARD_CONFIG, BlockConfig, dot_options, launch_options, transform_args
 from .tiles import logit_transform, logit_transform_grad, projection_tile
+
+
+@triton.jit
+def dlogits_tile(
+    h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
+    stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dL/dy for one [BLOCK_N, BLOCK_V] tile: g · (onehot − exp(z − lse)) · dz/dy, 0 outside the problem."""
+    b_t = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
+    b_lse = tl.load(lse_ptr + o_n, mask=m_n, other=float("inf"))
+    b_y = projection_tile(
+        h_ptr, w_ptr, bias_ptr, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
+        HAS_BIAS, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+    )
+    b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+    b_onehot = tl.where(o_v[None, :] == b_t[:, None], 1.0, 0.0)
+    b_dz = b_g[:, None] * (b_onehot - tl.exp(b_z - b_lse[:, None]))
+    b_dz = b_dz * logit_transform_grad(b_z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
+    return tl.where(m_n[:, None] & m_v[None, :], b_dz, 0.0)
+
+
+@triton.jit
+def add_dh_tile(dh_ptr, w_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_wv, stride_wd, ATOMIC: tl.constexpr,
+                UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dH[o_n] += dL/dy · W[o_v], D chunk by D chunk (fp32 dH, contiguous [N, D]): atomic, or owned."""
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        p_w = w_ptr + o_v[:, None].to(tl.int64) * stride_wv + o_d[None, :] * stride_wd
+        b_w = tl.load(p_w, mask=m_v[:, None] & m_d[None, :], other=0.0)
+        if UPCAST_BF16:
+            b_w = b_w.to(tl.float32)
+        b_dh = tl.dot(b_dz_in, b_w, input_precision=INPUT_PRECISION)
+        p_dh = dh_ptr + o_n[:, None].to(tl.int64) * D + o_d[None, :]
+        m_dh = m_n[:, None] & m_d[None, :]
+        if ATOMIC:
+            tl.atomic_add(p_dh, b_dh, mask=m_dh)
+        else:
+            tl.store(p_dh, tl.load(p_dh, mask=m_dh, other=0.0) + b_dh, mask=m_dh)
+
+
+@triton.jit
+def add_dw_tile(dw_ptr, h_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, ATOMIC: tl.constexpr,
+                UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dW[o_v] += dL/dyᵀ · H[o_n], D chunk by D chunk (fp32 dW, contiguous [V, D]): atomic, or owned."""
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        p_h = h_ptr + o_n[:, None].to(tl.int64) * stride_hn + o_d[None, :] * stride_hd
+        b_h = tl.load(p_h, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        if UPCAST_BF16:
+            b_h = b_h.to(tl.float32)
+        b_dw = tl.dot(tl.trans(b_dz_in), b_h, input_precision=INPUT_PRECISION)
+        p_dw = dw_ptr + o_v[:, None].to(tl.int64) * D + o_d[None, :]
+        m_dw = m_v[:, None] & m_d[None, :]
+        if ATOMIC:
+            tl.atomic_add(p_dw, b_dw, mask=m_dw)
+        else:
+            tl.store(p_dw, tl.load(p_dw, mask=m_dw, other=0.0) + b_dw, mask=m_dw)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -42,43 +106,89 @@ def linear_logprobs_bwd_kernel(
     if tl.max(tl.abs(b_g), axis=0) != 0.0:
         o_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        b_t = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
-        b_lse = tl.load(lse_ptr + o_n, mask=m_n, other=float("inf"))
-        b_y = projection_tile(
-            h_ptr, w_ptr, bias_ptr, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
-            HAS_BIAS, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        b_dz = dlogits_tile(
+            h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
+            stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
+            HAS_BIAS, HAS_SOFTCAP, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
-        b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-        b_onehot = tl.where(o_v[None, :] == b_t[:, None], 1.0, 0.0)
-        b_dz = b_g[:, None] * (b_onehot - tl.exp(b_z - b_lse[:, None]))
-        b_dz = b_dz * logit_transform_grad(b_z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
-        b_dz = tl.where(m_n[:, None] & m_v[None, :], b_dz, 0.0)
         if COMPUTE_DB:
             tl.atomic_add(db_ptr + o_v, tl.sum(b_dz, axis=0), mask=m_v)
         # The GEMMs take dL/dy in the inputs' dtype (tensor cores), accumulating in fp32.
         b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
         if UPCAST_BF16:
             b_dz_in = b_dz_in.to(tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m_d = o_d < D
-            if COMPUTE_DH:
-                p_w = w_ptr + o_v[:, None].to(tl.int64) * stride_wv + o_d[None, :] * stride_wd
-                b_w = tl.load(p_w, mask=m_v[:, None] & m_d[None, :], other=0.0)
-                if UPCAST_BF16:
-                    b_w = b_w.to(tl.float32)
-                b_dh = tl.dot(b_dz_in, b_w, input_precision=INPUT_PRECISION)
-                p_dh = dh_ptr + o_n[:, None].to(tl.int64) * D + o_d[None, :]
-                tl.atomic_add(p_dh, b_dh, mask=m_n[:, None] & m_d[None, :])
-            if COMPUTE_DW:
-                p_h = h_ptr + o_n[:, None].to(tl.int64) * stride_hn + o_d[None, :] * stride_hd
-                b_h = tl.load(p_h, mask=m_n[:, None] & m_d[None, :], other=0.0)
-                if UPCAST_BF16:
-                    b_h = b_h.to(tl.float32)
-                b_dw = tl.dot(tl.trans(b_dz_in), b_h, input_precision=INPUT_PRECISION)
-                p_dw = dw_ptr + o_v[:, None].to(tl.int64) * D + o_d[None, :]
-                tl.atomic_add(p_dw, b_dw, mask=m_v[:, None] & m_d[None, :])
+        if COMPUTE_DH:
+            add_dh_tile(dh_ptr, w_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_wv, stride_wd, True,
+                        UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
+        if COMPUTE_DW:
+            add_dw_tile(dw_ptr, h_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, True,
+                        UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
 
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.jit
+def linear_logprobs_bwd_dh_kernel(
+    h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, dh_ptr,
+    N, V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    logit_scale, softcap, temperature, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Deterministic dH: one program per token block owns its dH rows and walks the vocabulary in order."""
+    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    b_g = tl.load(grad_ptr + o_n, mask=m_n, other=0.0)
+    if tl.max(tl.abs(b_g), axis=0) != 0.0:
+        for v0 in range(0, V, BLOCK_V):
+            o_v = v0 + tl.arange(0, BLOCK_V)
+            m_v = o_v < V
+            b_dz = dlogits_tile(
+                h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
+                stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
+                HAS_BIAS, HAS_SOFTCAP, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            )
+            b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
+            if UPCAST_BF16:
+                b_dz_in = b_dz_in.to(tl.float32)
+            add_dh_tile(dh_ptr, w_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_wv, stride_wd, False,
+                        UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.jit
+def linear_logprobs_bwd_dw_kernel(
+    h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, dw_ptr, db_ptr,
+    N, V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    logit_scale, softcap, temperature, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Deterministic dW and db: one program per vocabulary block owns its rows and walks the tokens in order."""
+    o_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_v = o_v < V
+    b_db = tl.zeros((BLOCK_V,), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        b_g = tl.load(grad_ptr + o_n, mask=m_n, other=0.0)
+        if tl.max(tl.abs(b_g), axis=0) != 0.0:
+            b_dz = dlogits_tile(
+                h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
+                stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
+                HAS_BIAS, HAS_SOFTCAP, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            )
+            b_db += tl.sum(b_dz, axis=0)
+            if COMPUTE_DW:
+                b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
+                if UPCAST_BF16:
+                    b_dz_in = b_dz_in.to(tl.float32)
+                add_dw_tile(dw_ptr, h_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, False,
+                            UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
+    if COMPUTE_DB:
+        tl.store(db_ptr + o_v, b_db, mask=m_v)
 
 def linear_logprobs_backward(
     hidden: torch.Tensor,
@@ -92,11 +202,15 @@ def linear_logprobs_backward(
     softcap: float | None,
     temperature: float,
     needs: tuple[bool, bool, bool],
+    deterministic: bool = False,
     config: BlockConfig = BACKWARD_CONFIG,
 ):
     """Gradients of Σ_t grad_logps[t] · logps[t] for (hidden, weight, bias), None where not needed.
 
     grad_logps [N] fp32 is 0 at ignored targets. Accumulates in fp32 and returns the inputs' dtypes.
+    ``deterministic``: instead of one tile-parallel pass with fp32 atomics (three GEMMs' work, sums in
+    a run-dependent order), two owner-computes passes, one for dH and one for dW and db, that write
+    each row in a fixed order (four GEMMs' work: the logits are recomputed once more).
     """
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
@@ -107,19 +221,24 @@ def linear_logprobs_backward(
     grad_w = torch.zeros((vocab, dim), **f32) if needs_w else None
     grad_b = torch.zeros((vocab,), **f32) if needs_b else None
     if n_tokens > 0 and (needs_h or needs_w or needs_b):
-        grid = (triton.cdiv(n_tokens, config.block_n), triton.cdiv(vocab, config.block_v))
-        transform = transform_args(logit_scale, softcap, temperature)
-        linear_logprobs_bwd_kernel[grid](
-            hidden, weight, bias, targets, lse, grad_logps,
-            grad_h, grad_w, grad_b,
-            n_tokens, vocab, dim,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            temperature=float(temperature),
-            COMPUTE_DH=needs_h, COMPUTE_DW=needs_w, COMPUTE_DB=needs_b,
-            **transform,
-            **dot_options(hidden.dtype),
-            **launch_options(config),
+        common = dict(
+            temperature=float(temperature), **transform_args(logit_scale, softcap, temperature),
+            **dot_options(hidden.dtype), **launch_options(config),
         )
+        inputs = (hidden, weight, bias, targets, lse, grad_logps)
+        sizes = (n_tokens, vocab, dim, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+        if deterministic:
+            if needs_h:
+                grid = (triton.cdiv(n_tokens, config.block_n),)
+                linear_logprobs_bwd_dh_kernel[grid](*inputs, grad_h, *sizes, **common)
+            if needs_w or needs_b:
+                grid = (triton.cdiv(vocab, config.block_v),)
+                linear_logprobs_bwd_dw_kernel[grid](*inputs, grad_w, grad_b, *sizes, COMPUTE_DW=needs_w,
+                                                    COMPUTE_DB=needs_b, **common)
+        else:
+            grid = (triton.cdiv(n_tokens, config.block_n), triton.cdiv(vocab, config.block_v))
+            linear_logprobs_bwd_kernel[grid](*inputs, grad_h, grad_w, grad_b, *sizes, COMPUTE_DH=needs_h,
+                                             COMPUTE_DW=needs_w, COMPUTE_DB=needs_b, **common)
 
     def cast(grad, like):
         return None if grad is None else grad.to(like.dtype)

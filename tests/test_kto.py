@@ -326,3 +326,17 @@ def test_sequence_kernel_matches_torch_autograd():
 
     expected = metric_sums(out.losses, out.policy_logps, out.rewards, labels, *stats)
     torch.testing.assert_close(sums, expected.float(), atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_kto_deterministic_switch(impl):
+    hidden, weight, bias, targets, labels, ref_logps = _fused_inputs(3, 12, 16, 67, torch.float32, bias=True)
+    grads = []
+    for deterministic in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        out = fused_linear_kto_loss(leaves[0], leaves[1], targets, labels, ref_logps, bias=leaves[2], kl=0.2,
+                                    impl=impl, deterministic=deterministic)
+        out.loss.backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-5)

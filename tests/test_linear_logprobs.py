@@ -14,6 +14,7 @@ from .conftest import DEVICE, DTYPES, IMPLS
 
 OPTIONS = {
     "plain": {},
+    "deterministic": {"bias": True, "softcap": 3.0, "options": {"deterministic": True}},
     "bias": {"bias": True},
     "softcap": {"softcap": 2.5},
     "scale_temperature": {"logit_scale": 0.6, "temperature": 1.7},
@@ -181,9 +182,10 @@ def test_property_matches_float64_reference(impl, case):
 # --- Triton-specific tiling: many tiles, vocabulary splits, masked edges ---------------------------
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("splits", [1, 2, 5])
 @pytest.mark.parametrize("with_stats", [False, True])
-def test_triton_small_blocks_and_vocab_splits(splits, with_stats):
+def test_triton_small_blocks_and_vocab_splits(splits, with_stats, deterministic):
     """Blocks far smaller than the problem, V not a multiple of any tile, vocab split across programs."""
     from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
 
@@ -201,7 +203,7 @@ def test_triton_small_blocks_and_vocab_splits(splits, with_stats):
         torch.testing.assert_close(mean_logit.double(), exact.mean_logit, atol=2e-5, rtol=0)
     grad = torch.where(targets != -100, upstream, 0.0).float()
     grads = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, needs=(True, True, True),
-                                     config=config, **{k: v for k, v in kwargs.items() if k != "ignore_index"})
+                                     config=config, deterministic=deterministic, **{k: v for k, v in kwargs.items() if k != "ignore_index"})
     leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
     out = linear_logprobs_reference(leaves[0], leaves[1], targets, leaves[2], softcap=3.0).logps
     exact_grads = torch.autograd.grad((out * upstream.double()).sum(), leaves)
@@ -218,3 +220,25 @@ def test_backward_skips_blocks_with_zero_coefficient():
     out = linear_logprobs(hidden, weight, targets, impl="triton")
     (out * upstream).sum().backward()
     assert torch.all(hidden.grad[0] == 0) and torch.any(hidden.grad[1] != 0)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+def test_deterministic_backward_partial_needs(needs):
+    """The deterministic kernels compute exactly the requested gradients and match the atomic pass."""
+    from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
+
+    config = BlockConfig(block_n=16, block_v=32, block_d=16)
+    case = Case(batch=1, seq=50, dim=20, vocab=77, bias=True)
+    hidden, weight, bias, targets, upstream = case.inputs()
+    hidden, targets, upstream = hidden[0], targets[0], upstream[0]
+    transform = {"logit_scale": 1.0, "softcap": None, "temperature": 1.0}
+    _, lse, _, _ = linear_logprobs_forward(hidden, weight, bias, targets, ignore_index=-100, with_stats=False,
+                                           config=config, **transform)
+    grad = torch.where(targets != -100, upstream, 0.0).float()
+    atomic = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, needs=needs, config=config, **transform)
+    owned = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, needs=needs, config=config,
+                                     deterministic=True, **transform)
+    for need, a, b in zip(needs, atomic, owned):
+        assert (a is None) == (b is None) == (not need)
+        if need:
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
