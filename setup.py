@@ -14,6 +14,7 @@ TEST = [
     "accelerate>=1.0",
     "numpy>=1.26",
     "matplotlib>=3.8",  # the demo's plot
+    "deepspeed>=0.15; platform_system == 'Linux'",  # the ZeRO-3 test
 ]
 BENCH = ["pytest-benchmark>=4", "trl>=1.16", "liger-kernel>=0.5", "cut-cross-entropy>=25.1", "matplotlib>=3.8"]
 

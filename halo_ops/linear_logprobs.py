@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from . import chunked
+from ._zero3 import gathered
 from ._reduction import check_reduction, reduce_last_dim
 from ._validation import check_linear_inputs
 from .transform import LogitTransform
@@ -93,7 +94,8 @@ def backward_tokens(spec: _OpSpec, hidden, weight, bias, targets, lse, grad_logp
     grad_logps = torch.where(targets != spec.ignore_index, grad_logps, 0.0)
     grad_logps = grad_logps.to(chunked.accumulation_dtype(hidden.dtype)).contiguous()
     t = spec.transform
-    with torch.autocast(hidden.device.type, enabled=False):
+    # ZeRO-3 re-partitions the head after the forward; the recompute needs it whole again
+    with torch.autocast(hidden.device.type, enabled=False), gathered(weight, bias):
         if spec.impl == "torch":
             return chunked.chunked_backward(hidden, weight, bias, targets, lse, grad_logps, t, needs)
         from .kernels import linear_logprobs_backward

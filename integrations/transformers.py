@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._zero3 import gathered
 from ..fused_kto import fused_linear_kto_loss
 from ..kto import KTOOutput
 from ..linear_logprobs import linear_logprobs
@@ -78,19 +79,10 @@ def logit_transform_from_config(config) -> dict:
 def full_lm_head(weight: torch.Tensor, bias: torch.Tensor | None):
     """The LM head's full weight and bias for a direct read: FSDP2 DTensors gathered, ZeRO-3 shards gathered.
 
-    ZeRO-3 shards are gathered with ``deepspeed.zero.GatheredParameters`` when deepspeed is installed and
-    the parameters are partitioned.
+    ZeRO-3 shards are gathered with ``deepspeed.zero.GatheredParameters`` (the op's backward gathers
+    them again for its recompute).
     """
-    params = [p for p in (weight, bias) if p is not None and hasattr(p, "ds_id")]
-    gather = contextlib.nullcontext()
-    if params:
-        import deepspeed
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        to_gather = {id(p): p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE}
-        if to_gather:
-            gather = deepspeed.zero.GatheredParameters(list(to_gather.values()))
-    with gather:
+    with gathered(weight, bias):
         try:
             from torch.distributed.tensor import DTensor
         except ImportError:  # pragma: no cover - older torch

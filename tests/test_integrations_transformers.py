@@ -111,3 +111,116 @@ def test_lora_added_after_the_head():
 def test_unsupported_output_is_an_error():
     with pytest.raises(ValueError, match="is_top1"):
         add_fused_lm_head(tiny_model("llama"), outputs=("log_probs", "is_top1"))
+
+
+def _fsdp2_worker(rank, init_file, out_dir):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = tiny_model("llama", seed=0)
+        add_fused_lm_head(model)
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        ids, labels = _fsdp2_batch(rank)
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        weight = model.lm_head.weight
+        torch.save({"loss": out.loss.detach(), "sharded": type(weight).__name__,
+                    "grad": weight.grad.full_tensor()}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp2_batch(rank):
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(4, 90, (2, 12), generator=gen)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return ids, labels
+
+
+def test_fsdp2_sharded_head(tmp_path):
+    """FSDP2 (fully_shard, gloo, 2 CPU processes): the DTensor head is gathered for the call; each rank's loss
+    and the averaged head gradient equal an unsharded computation."""
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    mp.spawn(_fsdp2_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    assert all(r["sharded"] == "DTensor" for r in results)
+    model = tiny_model("llama", seed=0)
+    add_fused_lm_head(model)
+    losses = []
+    for rank in range(2):
+        ids, labels = _fsdp2_batch(rank)
+        losses.append(model(input_ids=ids, labels=labels, fused_lm_head=True).loss)
+    (sum(losses) / 2).backward()  # FSDP2 averages gradients over ranks
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result["loss"], losses[rank].detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result["grad"], model.lm_head.weight.grad, atol=1e-6, rtol=1e-4)
+
+
+def _zero3_worker(rank, port, out_dir, mode):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = tiny_model("llama", seed=0)
+    add_fused_lm_head(model)
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "SGD", "params": {"lr": 0.0}}, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    partitioned = engine.module.lm_head.weight.numel() == 0
+    out = engine(**_zero3_inputs(rank, mode), fused_lm_head=True)
+    engine.backward(out.loss)
+    torch.save({"loss": out.loss.detach(), "partitioned": partitioned,
+                "grad": safe_get_full_grad(engine.module.lm_head.weight)}, os.path.join(out_dir, f"{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _zero3_inputs(rank, mode):
+    ids, labels = _fsdp2_batch(rank)
+    inputs = {"input_ids": ids, "labels": labels}
+    if mode == "kto":
+        inputs["kto"] = {"labels": torch.tensor([True, False]), "ref_logps": torch.tensor([-40.0, -38.0]),
+                         "kl": 0.1, "beta": 0.5}
+    return inputs
+
+
+@pytest.mark.parametrize("mode", ["log_probs", "kto"])
+def test_deepspeed_zero3_partitioned_head(mode, tmp_path):
+    """ZeRO-3 (gloo, 2 CPU processes): the partitioned head is gathered for the forward and the backward's
+    recompute; each rank's loss and the averaged head gradient equal an unsharded computation."""
+    pytest.importorskip("deepspeed")
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_zero3_worker, args=(port, str(tmp_path), mode), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    assert all(r["partitioned"] for r in results)
+    model = tiny_model("llama", seed=0)
+    add_fused_lm_head(model)
+    losses = [model(**_zero3_inputs(rank, mode), fused_lm_head=True).loss for rank in range(2)]
+    (sum(losses) / 2).backward()  # ZeRO averages gradients over data-parallel ranks
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result["loss"], losses[rank].detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result["grad"], model.lm_head.weight.grad, atol=1e-6, rtol=1e-4)
