@@ -26,7 +26,8 @@ def char_tokenizer():
 
 
 def tiny_model(kind: str = "llama", seed: int = 0, vocab_size: int | None = None, hidden_size: int = 32):
-    """llama; gemma2 (final_logit_softcapping); tied (llama with tied embeddings); cohere (logit_scale).
+    """llama; gemma2 (final_logit_softcapping); tied (llama with tied embeddings); cohere (logit_scale);
+    mixtral (MoE with router logits and an aux loss).
 
     ``vocab_size`` may exceed the tokenizer's (the head then scores the extra, never-seen ids too).
     """
@@ -40,6 +41,10 @@ def tiny_model(kind: str = "llama", seed: int = 0, vocab_size: int | None = None
         config = transformers.Gemma2Config(**common, head_dim=hidden_size // 4, final_logit_softcapping=3.0, sliding_window=64,
                                            query_pre_attn_scalar=hidden_size // 4)
         cls = transformers.Gemma2ForCausalLM
+    elif kind == "mixtral":
+        config = transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                            output_router_logits=True, router_aux_loss_coef=0.02)
+        cls = transformers.MixtralForCausalLM
     elif kind == "cohere":
         config = transformers.CohereConfig(**common, logit_scale=0.5)
         cls = transformers.CohereForCausalLM

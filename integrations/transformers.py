@@ -93,6 +93,15 @@ def full_lm_head(weight: torch.Tensor, bias: torch.Tensor | None):
         yield weight, bias
 
 
+def _load_balancing_loss(backbone_outputs, text_config, kwargs):
+    """The MoE load-balancing loss the model's own forward adds (Mixtral's, which MoE families share)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    num_experts = getattr(text_config, "num_local_experts", None) or getattr(text_config, "num_experts", None)
+    return load_balancing_loss_func(backbone_outputs.router_logits, num_experts, text_config.num_experts_per_tok,
+                                    kwargs.get("attention_mask"))
+
+
 def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ...] = ("log_probs",)) -> None:
     """Patch ``model.forward`` so ``model(..., labels=labels, fused_lm_head=True)`` scores labels without logits.
 
@@ -101,6 +110,9 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ..
         temperature: the logits are divided by it.
         outputs: per-token fields to compute, among ``"log_probs"``, ``"entropy"`` and
             ``"mean_logits"``; ``log_probs`` (and ``loss``) always are.
+
+    MoE models whose config sets ``output_router_logits`` get TRL's ``aux_loss`` (the load-balancing
+    loss) and, in log-prob mode, ``loss`` includes ``router_aux_loss_coef · aux_loss``.
 
     The fused forward takes ``labels`` [B, L] (shifted by one inside, as the model's own loss does) or
     pre-shifted ``shift_labels`` [B, T], an optional ``num_items_in_batch`` for the loss's
@@ -111,6 +123,7 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ..
     if unknown:
         raise ValueError(f"outputs must be among {SUPPORTED_OUTPUTS}; halo-ops does not compute {sorted(unknown)}")
     original_forward = model.forward
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     transform = logit_transform_from_config(model.config)
     with_stats = "entropy" in outputs or "mean_logits" in outputs
 
@@ -126,7 +139,12 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ..
             return original_forward(*args, **kwargs)
 
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        # MoE models: like the model's own forward, request router logits when the config asks for them
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        backbone = self.base_model(*args, **kwargs)
+        hidden = backbone.last_hidden_state
+        aux_loss = _load_balancing_loss(backbone, text_config, kwargs) if kwargs.get("output_router_logits") else None
         if shift_labels is None:
             hidden, targets = hidden[:, :-1], labels[:, 1:]
         else:
@@ -139,13 +157,18 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ..
                 kto = dict(kto)
                 kto_out = fused_linear_kto_loss(hidden, weight, targets, kto.pop("labels"), kto.pop("ref_logps"),
                                                 bias=bias, temperature=temperature, **transform, **kto)
-                return FusedCausalLMOutput(loss=kto_out.loss, label_mask=mask, kto=kto_out)
+                # The KTO loss alone: a trainer adds router_aux_loss_coef · aux_loss itself, as TRL's does
+                return FusedCausalLMOutput(loss=kto_out.loss, label_mask=mask, aux_loss=aux_loss, kto=kto_out)
             out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature, return_stats=with_stats,
                                   **transform)
         log_probs = out.logps if with_stats else out
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -log_probs.sum() / denominator
+        if aux_loss is not None:
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
         return FusedCausalLMOutput(
-            loss=-log_probs.sum() / denominator,
+            loss=loss,
+            aux_loss=aux_loss,
             log_probs=log_probs,
             entropy=out.entropy if "entropy" in outputs else None,
             mean_logits=out.mean_logit if "mean_logits" in outputs else None,

@@ -93,6 +93,8 @@ class HaloKTOTrainer(KTOTrainer):
         labels = torch.as_tensor(batch["label"], dtype=torch.bool, device=self.accelerator.device)
         model_kwargs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
         completion_labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         kl_args = None
         if self.calculate_KL:
@@ -118,6 +120,9 @@ class HaloKTOTrainer(KTOTrainer):
         outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True, kto=kto)
         self._log_kto_metrics(mode, outputs.kto, batch)
         loss = outputs.loss
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
         return (loss, outputs) if return_outputs else loss
 
     def _log_kto_metrics(self, mode: str, out, batch) -> None:

@@ -10,7 +10,7 @@ from ._tiny_models import char_tokenizer, tiny_model
 transformers = pytest.importorskip("transformers")
 from halo_ops.integrations.transformers import add_fused_lm_head  # noqa: E402
 
-KINDS = ["llama", "gemma2", "tied", "cohere"]
+KINDS = ["llama", "gemma2", "tied", "cohere", "mixtral"]
 OUTPUTS = ("log_probs", "entropy", "mean_logits")
 
 
@@ -55,6 +55,9 @@ def test_matches_model_logits_and_trl_fused_head(kind):
         torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=2e-5, rtol=1e-5, msg=field)
     assert torch.equal(a.label_mask, b.label_mask)
     torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-6)
+    assert (a.aux_loss is None) == (b.aux_loss is None) == (kind != "mixtral")
+    if kind == "mixtral":
+        torch.testing.assert_close(a.aux_loss, b.aux_loss)
     torch.testing.assert_close(head_a, head_b, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(bb_a, bb_b, atol=1e-7, rtol=1e-4)
 

@@ -53,7 +53,7 @@ def _compare(trl_result, halo_result, *, rtol):
 
 # A reference that differs from the policy, chosen so that the KL reference point z0 is active (> 0):
 # (seed, factor on the reference head; a sharper reference makes logp_π − logp_ref > 0 on mismatched pairs)
-REFERENCE = {"llama": (3, 1.0), "tied": (1, 1.0), "gemma2": (1, 2.0)}
+REFERENCE = {"llama": (3, 1.0), "tied": (1, 1.0), "gemma2": (1, 2.0), "mixtral": (3, 1.5)}
 
 
 def reference_model(kind):
@@ -73,7 +73,7 @@ def _pair(kind, tmp_path, **overrides):
     return results
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma2", "tied"])
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "tied", "mixtral"])
 def test_same_loss_metrics_and_gradients_as_trl(kind, tmp_path):
     trl_result, halo_result = _pair(kind, tmp_path)
     assert trl_result[1]["kl"] > 0 and abs(trl_result[1]["rewards/chosen"]) > 0
