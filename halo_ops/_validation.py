@@ -20,7 +20,9 @@ def check_linear_inputs(
     """Validate ``hidden [..., D]``, ``weight [V, D]``, ``targets [...]`` and ``bias [V]``.
 
     ``check_targets`` reads the targets on the host (one device sync); ``check_finite`` reads
-    all of ``hidden`` and ``weight`` (one more pass over them and a sync).
+    all of ``hidden`` and ``weight`` (one more pass over them and a sync). Both are skipped while
+    ``torch.compile`` traces (a host read would break the graph); shapes, dtypes and devices are
+    always checked.
     """
     for name, tensor in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
         if tensor is not None and not isinstance(tensor, torch.Tensor):
@@ -60,6 +62,8 @@ def check_linear_inputs(
             + " must share a dtype; cast them or run under torch.autocast"
         )
 
+    if torch.compiler.is_compiling():
+        return
     if check_targets and targets.numel() > 0:
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):

@@ -11,12 +11,16 @@ saturated sequences).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ._dispatch import forward_tokens, prepare_linear_inputs
+from ._ops import input_grads, spec_args, spec_from_args, token_logprobs_backward
+from .chunked import accumulation_dtype
 from .kto import (
+    SUM_KEYS,
     KTOOutput,
     _check_sequence_tensor,
     _kl_value,
@@ -26,78 +30,78 @@ from .kto import (
     metric_sums,
     metrics_from_sums,
 )
-from .linear_logprobs import _OpSpec, backward_tokens, forward_tokens, prepare_linear_inputs
 
 
-@dataclass(frozen=True)
-class _KTOSpec:
-    op: _OpSpec
-    batch: int
-    seq: int
-    beta: float
-    desirable_weight: float
-    undesirable_weight: float
-    average_log_prob: bool
-    saturation_threshold: float
-
-
-def _sequence_terms(spec: _KTOSpec, policy_logps, ref_logps, labels, kl, token_stats):
-    """(losses, coeff, rewards, sums) [B], [B], [B], [len(SUM_KEYS)]: Triton kernel or PyTorch autograd."""
-    if spec.op.impl == "triton":
+def _sequence_terms(impl, policy_logps, ref_logps, labels, kl, beta, desirable_weight, undesirable_weight,
+                    token_stats):
+    """(losses, coeff, rewards, sums) [B], [B], [B], [len(SUM_KEYS)]: the Triton kernel or the same in PyTorch."""
+    if impl == "triton":
         from .kernels import kto_sequence_terms
 
-        return kto_sequence_terms(policy_logps, ref_logps, labels, kl, beta=spec.beta,
-                                  desirable_weight=spec.desirable_weight,
-                                  undesirable_weight=spec.undesirable_weight, token_stats=token_stats)
-    with torch.enable_grad():
-        logps = policy_logps.detach().float().requires_grad_()
-        losses, loss = kto_losses(logps, ref_logps.float(), labels, kl.float(), spec.beta, spec.desirable_weight,
-                                  spec.undesirable_weight)
-        coeff = torch.autograd.grad(loss, logps)[0] if spec.batch else torch.zeros_like(logps)
-    rewards = spec.beta * (policy_logps.float() - ref_logps.float())
-    sums = metric_sums(losses, policy_logps, rewards, labels, *(token_stats or (None, None, None)))
+        return kto_sequence_terms(policy_logps, ref_logps, labels, kl, beta=beta, desirable_weight=desirable_weight,
+                                  undesirable_weight=undesirable_weight, token_stats=token_stats)
+    losses, _, coeff = kto_losses(policy_logps.float(), ref_logps.float(), labels, kl.float(), beta,
+                                  desirable_weight, undesirable_weight)
+    rewards = beta * (policy_logps.float() - ref_logps.float())
+    sums = metric_sums(losses, policy_logps, rewards, labels, *token_stats)
     return losses.detach(), coeff, rewards, sums
 
 
-class FusedLinearKTOFunction(torch.autograd.Function):
-    """hidden [N, D], weight [V, D], bias, targets [N] (N = B·T), labels [B] bool, ref_logps [B], z0 0-d.
+@torch.library.custom_op("halo_ops::fused_linear_kto", mutates_args=())
+def _fused_linear_kto(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, labels: Tensor, ref_logps: Tensor,
+    kl: Tensor, impl: str, ignore_index: int, logit_scale: float, softcap: float, temperature: float,
+    with_stats: bool, deterministic: bool, seq: int, beta: float, desirable_weight: float,
+    undesirable_weight: float, average_log_prob: bool, saturation_threshold: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """hidden [N, D], targets [N] (N = B·T) → (loss, losses [B], policy_logps [B], rewards [B], sums, lse [N],
+    token coefficients [N] = dloss/dlogp_t)."""
+    spec = spec_from_args(impl, ignore_index, logit_scale, softcap, temperature, with_stats, deterministic)
+    batch = targets.shape[0] // seq if seq else 0
+    token_logps, lse, entropy, mean_logit = forward_tokens(spec, hidden, weight, bias, targets)
+    valid = (targets != ignore_index).view(batch, seq)
+    counts = valid.sum(-1).float()
+    policy_logps = token_logps.float().view(batch, seq).sum(-1)
+    if average_log_prob:
+        policy_logps = policy_logps / counts.clamp(min=1)
+    token_stats = (mean_logit.view(batch, seq).sum(-1), counts, entropy.view(batch, seq).sum(-1))
+    losses, coeff, rewards, sums = _sequence_terms(impl, policy_logps, ref_logps, labels, kl, beta, desirable_weight,
+                                                   undesirable_weight, token_stats)
+    if saturation_threshold > 0:
+        coeff = torch.where(coeff.abs() < saturation_threshold / max(batch, 1), 0.0, coeff)
+    if average_log_prob:
+        coeff = coeff / counts.clamp(min=1)
+    token_coeff = coeff.float().unsqueeze(1).expand(batch, seq).reshape(-1).clone()
+    return sums[0] / max(batch, 1), losses, policy_logps, rewards, sums, lse, token_coeff
 
-    Returns (loss, losses [B], policy_logps [B], rewards [B], sums); only ``loss`` is differentiable.
-    """
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, labels, ref_logps, kl, spec: _KTOSpec):
-        ctx.set_materialize_grads(False)
-        token_logps, lse, entropy, mean_logit = forward_tokens(spec.op, hidden, weight, bias, targets)
-        valid = (targets != spec.op.ignore_index).view(spec.batch, spec.seq)
-        counts = valid.sum(-1).float()
-        policy_logps = token_logps.float().view(spec.batch, spec.seq).sum(-1)
-        if spec.average_log_prob:
-            policy_logps = policy_logps / counts.clamp(min=1)
-        token_stats = (mean_logit.view(spec.batch, spec.seq).sum(-1), counts,
-                       entropy.view(spec.batch, spec.seq).sum(-1))
-        losses, coeff, rewards, sums = _sequence_terms(spec, policy_logps, ref_logps, labels, kl, token_stats)
-        if spec.saturation_threshold > 0:
-            coeff = torch.where(coeff.abs() < spec.saturation_threshold / max(spec.batch, 1), 0.0, coeff)
-        if spec.average_log_prob:
-            coeff = coeff / counts.clamp(min=1)
-        loss = sums[0] / max(spec.batch, 1)
-        ctx.spec = spec
-        if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(hidden, weight, bias, targets, lse, coeff)
-        ctx.mark_non_differentiable(losses, policy_logps, rewards, sums)
-        return loss, losses, policy_logps, rewards, sums
+@_fused_linear_kto.register_fake
+def _(hidden, weight, bias, targets, labels, ref_logps, kl, impl, ignore_index, logit_scale, softcap, temperature,
+      with_stats, deterministic, seq, beta, desirable_weight, undesirable_weight, average_log_prob,
+      saturation_threshold):
+    n, batch = targets.shape[0], labels.shape[0]
+    f32 = {"dtype": torch.float32}
+    return (hidden.new_empty((), **f32), *(hidden.new_empty(batch, **f32) for _ in range(3)),
+            hidden.new_empty(len(SUM_KEYS), **f32), hidden.new_empty(n, dtype=accumulation_dtype(hidden.dtype)),
+            hidden.new_empty(n, **f32))
 
-    @staticmethod
-    def backward(ctx, grad_loss, *_unused):
-        hidden, weight, bias, targets, lse, coeff = ctx.saved_tensors
-        spec: _KTOSpec = ctx.spec
-        grad_tokens = None
-        if grad_loss is not None:
-            grad_tokens = (grad_loss * coeff).unsqueeze(1).expand(spec.batch, spec.seq).reshape(-1)
-        grads = backward_tokens(spec.op, hidden, weight, bias, targets, lse, grad_tokens,
-                                tuple(ctx.needs_input_grad[:3]))
-        return (*grads, None, None, None, None, None)
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, *_ = inputs
+    ctx.options = inputs[7:14]  # impl … deterministic: the token op's options
+    ctx.save_for_backward(hidden, weight, bias, targets, output[5], output[6])
+
+
+def _backward(ctx, grad_loss, *_unused):
+    hidden, weight, bias, targets, lse, token_coeff = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:3])
+    if grad_loss is None:
+        grad_loss = token_coeff.new_zeros(())
+    grads = token_logprobs_backward(hidden, weight, bias, targets, lse, grad_loss * token_coeff, *ctx.options, *needs)
+    return (*input_grads(grads, needs), *([None] * 17))
+
+
+_fused_linear_kto.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_linear_kto_loss(
@@ -162,10 +166,10 @@ def fused_linear_kto_loss(
     labels = as_bool_labels(labels, batch, hidden.device)
     _check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)
     z0 = _kl_value(kl, loss_type, ref_logps.float())
-    spec = _KTOSpec(op, batch, seq, float(beta), float(desirable_weight), float(undesirable_weight),
-                    bool(average_log_prob), float(saturation_threshold))
-    loss, losses, policy_logps, rewards, sums = FusedLinearKTOFunction.apply(
-        hidden2d, weight, bias, flat_targets, labels, ref_logps.detach(), z0, spec)
+    loss, losses, policy_logps, rewards, sums, _, _ = _fused_linear_kto(
+        hidden2d, weight, bias, flat_targets, labels, ref_logps.detach(), z0, *spec_args(op), seq, float(beta),
+        float(desirable_weight), float(undesirable_weight), bool(average_log_prob), float(saturation_threshold))
+    losses, policy_logps, rewards, sums = (t.detach() for t in (losses, policy_logps, rewards, sums))
     return KTOOutput(loss=loss, losses=losses, kl=z0, policy_logps=policy_logps, rewards=rewards, labels=labels,
                      metrics=metrics_from_sums(sums, z0, with_token_stats=True))
 

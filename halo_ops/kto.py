@@ -78,7 +78,7 @@ def check_kto_options(beta: float, desirable_weight: float, undesirable_weight: 
 
 
 def as_bool_labels(labels, batch: int, device: torch.device, *, check_values: bool = True) -> torch.Tensor:
-    """bool [B] from bool or 0/1 integer labels; anything else is an error."""
+    """bool [B] from bool or 0/1 integer labels; anything else is an error (values unchecked while compiling)."""
     labels = torch.as_tensor(labels, device=device)
     if labels.dim() != 1 or labels.shape[0] != batch:
         raise ValueError(f"labels must have shape [B={batch}], got {tuple(labels.shape)}")
@@ -86,7 +86,8 @@ def as_bool_labels(labels, batch: int, device: torch.device, *, check_values: bo
         return labels
     if labels.dtype.is_floating_point or labels.dtype.is_complex:
         raise TypeError(f"labels must be bool or 0/1 integers, got dtype {labels.dtype}")
-    if check_values and labels.numel() and bool(((labels != 0) & (labels != 1)).any()):
+    checkable = check_values and labels.numel() and not torch.compiler.is_compiling()
+    if checkable and bool(((labels != 0) & (labels != 1)).any()):
         raise ValueError(f"labels must be bool or 0/1 integers, got values {labels.unique().tolist()}")
     return labels != 0
 
@@ -111,9 +112,10 @@ def _kl_value(kl, loss_type: str, like: torch.Tensor) -> torch.Tensor:
 
 
 def kto_losses(policy_logps, ref_logps, labels, kl, beta, desirable_weight, undesirable_weight):
-    """Per-sequence weighted losses and the batch loss, differentiable in policy_logps.
+    """Per-sequence weighted losses, the batch loss, and dloss/dlogp_i in closed form.
 
-    ``kl`` is z0 as a 0-d tensor (already 0 for apo_zero_unpaired).
+    Differentiable in policy_logps. ``kl`` is z0 as a 0-d tensor (already 0 for apo_zero_unpaired).
+    Returns (losses [B], loss, coeff [B]) with coeff_i = −w_i s_i β σ(x_i) σ(−x_i) / B (detached).
     """
     # Built in the log-probs' dtype: a Python-float torch.where would round the weights to float32
     new = policy_logps.new_tensor
@@ -121,7 +123,9 @@ def kto_losses(policy_logps, ref_logps, labels, kl, beta, desirable_weight, unde
     weight = torch.where(labels, new(float(desirable_weight)), new(float(undesirable_weight)))
     x = sign * beta * (policy_logps - ref_logps.detach() - kl)
     losses = weight * torch.sigmoid(-x)
-    return losses, losses.sum() / max(policy_logps.shape[0], 1)
+    batch = max(policy_logps.shape[0], 1)
+    coeff = (-weight * sign * beta * torch.sigmoid(x) * torch.sigmoid(-x) / batch).detach()
+    return losses, losses.sum() / batch, coeff
 
 
 def metric_sums(losses, policy_logps, rewards, labels, logit_sums=None, token_counts=None, entropy_sums=None):
@@ -207,7 +211,7 @@ def kto_loss(
     _check_sequence_tensor("ref_logps", ref_logps, batch, device)
     labels = as_bool_labels(labels, batch, device)
     z0 = _kl_value(kl, loss_type, policy_logps)
-    losses, loss = kto_losses(policy_logps, ref_logps, labels, z0, beta, desirable_weight, undesirable_weight)
+    losses, loss, _ = kto_losses(policy_logps, ref_logps, labels, z0, beta, desirable_weight, undesirable_weight)
     rewards = beta * (policy_logps - ref_logps).detach()
     with_token_stats = logit_sums is not None and token_counts is not None
     sums = metric_sums(losses, policy_logps, rewards, labels, logit_sums, token_counts)

@@ -340,3 +340,16 @@ def test_fused_kto_deterministic_switch(impl):
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-5)
+
+
+@given(c=kto_case)
+def test_closed_form_coefficient_is_the_gradient(c):
+    """kto_losses' closed-form dloss/dlogp (the PyTorch path's backward coefficient) equals autograd's."""
+    from halo_ops.kto import kto_losses
+
+    policy, ref, labels = _sequence_inputs(c)
+    kl = torch.tensor(0.0 if c["kl"] is None or c["loss_type"] != "kto" else max(c["kl"], 0.0), dtype=torch.float64)
+    logps = policy.clone().requires_grad_()
+    _, loss, coeff = kto_losses(logps, ref, labels, kl, c["beta"], c["desirable_weight"], c["undesirable_weight"])
+    loss.backward()
+    torch.testing.assert_close(coeff, logps.grad, atol=1e-15, rtol=1e-10)
