@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from halo_ops import linear_logprobs
-from halo_ops.linear_logprobs import resolve_impl
+from halo_ops._dispatch import resolve_impl
 
 from .memory import peak_extra_bytes
 from .providers import plain_logprobs

@@ -71,7 +71,7 @@ def halo_torch_logprobs(hidden, weight, targets):
 
 
 def _halo_triton_available(device):
-    from halo_ops.linear_logprobs import resolve_impl
+    from halo_ops._dispatch import resolve_impl
 
     return None if resolve_impl("auto", device, torch.float32) == "triton" else "Triton runs on CUDA only here"
 

@@ -1,0 +1,30 @@
+"""Smoke tests for the README's commands: the benchmark CLI and the demo run end to end at tiny sizes."""
+
+import csv
+
+import pytest
+
+from bench import __main__ as bench_cli
+from bench import demo
+
+
+def test_bench_cli_writes_results(tmp_path, capsys):
+    bench_cli.main(["--tokens", "64,128", "--hidden", "16", "--vocab", "300", "--dtype", "fp32", "--repeats", "1",
+                    "--cases", "forward+backward,forward-only,kto-step", "--seq", "32",
+                    "--providers", "halo-ops[torch],plain", "--distribution", "random,peaked",
+                    "--out", str(tmp_path), "--name", "smoke"])
+    rows = [r for r in csv.DictReader(line for line in open(tmp_path / "smoke.csv") if not line.startswith("#"))]
+    assert {r["case"] for r in rows} == {"forward+backward", "forward-only", "kto-step"}
+    assert all(float(r["ms"]) > 0 for r in rows)
+    assert {r["distribution"] for r in rows if r["case"] == "kto-step"} == {"random", "peaked"}
+    assert (tmp_path / "smoke.md").read_text().count("| halo-ops[torch] |") == 8
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_demo_runs(tmp_path, capsys):
+    demo.main(["--batch", "2", "--seq", "16", "--hidden", "16", "--vocab", "500", "--steps", "2", "--kto-batch", "4",
+               "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "memory: halo-ops uses" in out and "train seconds" in out
+    assert (tmp_path / "kto_demo.png").exists()
