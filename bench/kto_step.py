@@ -12,7 +12,16 @@ import torch
 
 from halo_ops import fused_linear_kto_loss, kto_kl, kto_loss, linear_logprobs
 
-from .providers import Provider, _always, _halo_triton_available, _needs_module, plain_logprobs, trl_logprobs
+from .providers import (
+    Provider,
+    _always,
+    _halo_triton_available,
+    _needs_module,
+    cce_logprobs,
+    compiled_logprobs,
+    plain_logprobs,
+    trl_logprobs,
+)
 
 BETA = 0.1
 
@@ -114,32 +123,16 @@ def liger_step(x):
     return loss
 
 
-def _cce_per_token(hidden, weight, targets):
-    from cut_cross_entropy import linear_cross_entropy
-
-    return -linear_cross_entropy(hidden, weight, targets, reduction="none")
-
-
-_compiled_plain = None
-
-
-def _compiled_per_token(hidden, weight, targets):
-    global _compiled_plain
-    if _compiled_plain is None:
-        _compiled_plain = torch.compile(plain_logprobs)
-    return _compiled_plain(hidden, weight, targets)
-
-
 KTO_PROVIDERS = {
     p.name: p
     for p in (
         Provider("halo-ops", halo_step, _halo_triton_available),
         Provider("halo-ops[torch]", halo_torch_step, _always),
         Provider("plain", _unfused_step(plain_logprobs), _always),
-        Provider("torch.compile", _unfused_step(_compiled_per_token), _always),
+        Provider("torch.compile", _unfused_step(compiled_logprobs), _always),
         Provider("trl", _unfused_step(trl_logprobs), _needs_module("trl")),
         Provider("liger", liger_step, _needs_module("liger_kernel")),
-        Provider("cce", _unfused_step(_cce_per_token), _needs_module("cut_cross_entropy", cuda_only=True)),
+        Provider("cce", _unfused_step(cce_logprobs), _needs_module("cut_cross_entropy", cuda_only=True)),
     )
 }
 
