@@ -9,8 +9,9 @@ relative to the running max ``m``:
 
 Backward recomputes each tile and forms ``dL/dz = g · (onehot(y) − exp(z − lse))`` in place, then
 ``dH += dL/dy · W``, ``dW += dL/dyᵀ · H``, ``db += Σ dL/dy`` with fp32 (fp64 for fp64 inputs)
-accumulators. Extra memory is a few tiles plus O(N), never O(N · V). Only rows whose target is
-not ignored (forward) and whose upstream gradient is non-zero (backward) are visited.
+accumulators. Extra memory is a few tiles plus O(N), never O(N · V). On CPU only rows whose
+target is not ignored (forward) and whose upstream gradient is non-zero (backward) are visited;
+on other devices all rows are, to avoid a host sync.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ def _tile_shape(vocab: int) -> tuple[int, int]:
 
 
 def _active_rows(mask: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the True rows, or None when all are (the common case pays nothing)."""
-    if bool(mask.all()):
+    """Indices of the True rows, or None to visit every row.
+
+    Only on CPU, where reading the mask costs no device sync; elsewhere every row is visited (an
+    unscored row contributes exact zeros either way).
+    """
+    if mask.device.type != "cpu" or bool(mask.all()):
         return None
     return mask.nonzero().squeeze(1)
 
@@ -109,6 +114,10 @@ def chunked_forward(
         if with_stats:
             entropy[out] = torch.log(s) - u / s
             mean_logit[out] = z_sum / vocab
+    if rows is None:  # every row was visited: ignored ones get 0 (and an lse of +inf, a softmax of 0)
+        logps, lse = torch.where(valid, logps, 0.0), torch.where(valid, lse, float("inf"))
+        if with_stats:
+            entropy, mean_logit = torch.where(valid, entropy, 0.0), torch.where(valid, mean_logit, 0.0)
     return logps, lse, entropy, mean_logit
 
 

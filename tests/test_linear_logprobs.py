@@ -242,3 +242,13 @@ def test_deterministic_backward_partial_needs(needs):
         assert (a is None) == (b is None) == (not need)
         if need:
             torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["rows_compacted", "all_rows_visited"])
+def test_torch_path_with_and_without_row_compaction(compact, monkeypatch):
+    """The chunked path visits every row off-CPU (no host sync); both ways give the same numbers."""
+    from halo_ops import chunked
+
+    if not compact:
+        monkeypatch.setattr(chunked, "_active_rows", lambda mask: None)
+    check_case(Case(ignore_frac=0.4, empty_rows=1, bias=True, softcap=3.0, options={"ignore_index": -100}), "torch")
