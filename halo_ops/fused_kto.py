@@ -1,4 +1,4 @@
-"""``fused_linear_kto_loss``: the KTO loss straight from hidden states and the LM head, one autograd Function.
+"""``fused_linear_kto_loss``: the KTO loss straight from hidden states and the LM head, one custom op.
 
 Forward: the projection kernel gives per-token log-probs (and entropy and mean logit for TRL's
 metrics) without logits; a per-sequence sum (or mean); then the sequence-level kernel gives the
