@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .kto_step import KTO_PROVIDERS, KTOShape, mean_entropy
-from .measure import CASES, Shape, measure, measure_kto_step
+from .measure import CASES, Shape, peak_row, time_row
 from .providers import PROVIDERS
 from .report import add_ratios, environment, plot, write
 
@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     vocabs = args.vocab or ([32000, 128256] if cuda else [32000])
     wanted = args.providers.split(",") if args.providers else None
     reference = args.reference or ("halo-ops" if PROVIDERS["halo-ops"].available(device) is None else "halo-ops[torch]")
+    jobs = []  # (row, provider, shape) for every measurable row, in table order
     rows = []
     for case in args.cases.split(","):
         registry = KTO_PROVIDERS if case == "kto-step" else PROVIDERS
@@ -64,24 +65,31 @@ def main(argv=None) -> None:
                         else:
                             shape, entropy = Shape(n, d, v, dtype), None
                         for provider in providers:
-                            base = {"provider": provider.name, "case": case, "tokens": n, "hidden": d, "vocab": v,
-                                    "dtype": str(dtype).removeprefix("torch."), "distribution": distribution,
-                                    "entropy": entropy}
+                            row = {"provider": provider.name, "case": case, "tokens": n, "hidden": d, "vocab": v,
+                                   "dtype": str(dtype).removeprefix("torch."), "distribution": distribution,
+                                   "entropy": entropy}
+                            rows.append(row)
                             why_not = provider.available(device)
                             if why_not:
-                                rows.append({**base, "note": why_not})
-                                continue
-                            try:
-                                row = (measure_kto_step(provider, shape, device, args.repeats) if case == "kto-step"
-                                       else measure(provider, shape, case, device, args.repeats))
-                                row = {**base, **row}
-                            except torch.OutOfMemoryError:
-                                row = {**base, "note": "out of memory"}
-                            rows.append(row)
-                            shown = (f"{row['ms']:9.1f} ms {row['peak_mib']:8.0f} MiB" if "ms" in row
-                                     else row["note"])
-                            print(f"{case:17s} N={n:<6d} D={d:<5d} V={v:<7d} {distribution:7s} {provider.name:16s} "
-                                  f"{shown}", flush=True)
+                                row["note"] = why_not
+                            else:
+                                jobs.append((row, provider, shape))
+
+    # Every timing before any peak: the CPU peak measurement changes how the allocator behaves
+    for phase, measure in (("time", time_row), ("memory", peak_row)):
+        for row, provider, shape in jobs:
+            if "note" in row:
+                continue
+            args_ = (provider, shape, row["case"], device) + ((args.repeats,) if phase == "time" else ())
+            try:
+                row["ms" if phase == "time" else "peak_mib"] = measure(*args_)
+            except torch.OutOfMemoryError:
+                row.pop("ms", None)
+                row["note"] = "out of memory"
+            shown = (f"{row['ms']:9.1f} ms" if phase == "time" else f"{row['peak_mib']:8.0f} MiB") \
+                if "note" not in row else row["note"]
+            print(f"{phase:6s} {row['case']:17s} N={row['tokens']:<6d} D={row['hidden']:<5d} V={row['vocab']:<7d} "
+                  f"{row['distribution']:7s} {provider.name:16s} {shown}", flush=True)
     add_ratios(rows, reference)
     env = environment(device)
     csv_path, md_path = write(rows, env, args.out, args.name or f"bench-{device.type}", reference)

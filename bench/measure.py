@@ -50,8 +50,16 @@ def _median_seconds(fn, device, repeats: int, setup=None) -> float:
     return statistics.median(times)
 
 
-def measure(provider: Provider, shape: Shape, case: str, device: torch.device, repeats: int = 3) -> dict:
-    """One row: median seconds and peak extra bytes (beyond inputs) of ``case`` for ``provider``."""
+def _runner(provider: Provider, shape, case: str, device: torch.device):
+    """(prepare, run) for one row: ``run(*prepare())`` is the measured call, ``prepare`` is not measured."""
+    if case == "kto-step":
+        x = shape.inputs(device)
+
+        def prepare():
+            x["hidden"].grad = x["weight"].grad = None
+            return ()
+
+        return prepare, lambda: provider.fn(x)
     grad = case != "forward-only"
     hidden, weight, targets = shape.inputs(device, requires_grad=grad)
     upstream = torch.randn(shape.tokens, device=device)
@@ -60,45 +68,34 @@ def measure(provider: Provider, shape: Shape, case: str, device: torch.device, r
         with torch.set_grad_enabled(grad):
             return provider.fn(hidden, weight, targets)
 
-    def forward_backward():
+    def loss():
         hidden.grad = weight.grad = None
-        (forward() * upstream).sum().backward()
+        return ((forward() * upstream).sum(),)
 
     if case == "backward":
-        def setup():
-            hidden.grad = weight.grad = None
-            return (forward() * upstream).sum(),
-
-        def run(loss):
-            loss.backward()
-
-        forward_backward()  # warm-up (compiles)
-        seconds = _median_seconds(run, device, repeats, setup=setup)
-        loss = setup()[0]  # what the forward saved is live before the backward starts
-        peak, _ = peak_extra_bytes(lambda: run(loss), device)
-    else:
-        run = forward_backward if case == "forward+backward" else forward
-        run()  # warm-up (compiles)
-        seconds = _median_seconds(run, device, repeats)
-        hidden.grad = weight.grad = None
-        peak, _ = peak_extra_bytes(run, device)
-    return {"provider": provider.name, "case": case, "tokens": shape.tokens, "hidden": shape.hidden,
-            "vocab": shape.vocab, "dtype": str(shape.dtype).removeprefix("torch."), "ms": seconds * 1e3,
-            "peak_mib": peak / 2**20}
+        return loss, lambda value: value.backward()
+    if case == "forward+backward":
+        return tuple, lambda: loss()[0].backward()
+    return tuple, forward
 
 
-def measure_kto_step(provider: Provider, shape, device: torch.device, repeats: int = 3) -> dict:
-    """One row for the whole LM-head part of a KTO step (``bench.kto_step``): median seconds and peak bytes."""
-    x = shape.inputs(device)
+def time_row(provider: Provider, shape, case: str, device: torch.device, repeats: int = 3) -> float:
+    """Median milliseconds of one case (after a warm-up call, which also compiles)."""
+    prepare, run = _runner(provider, shape, case, device)
+    run(*prepare())
+    if device.type == "cuda" and case not in ("backward", "kto-step"):
+        return _median_seconds(run, device, repeats) * 1e3
+    return _median_seconds(run, device, repeats, setup=prepare) * 1e3
 
-    def step():
-        x["hidden"].grad = x["weight"].grad = None
-        provider.fn(x)
 
-    step()  # warm-up (compiles)
-    seconds = _median_seconds(step, device, repeats)
-    x["hidden"].grad = x["weight"].grad = None
-    peak, _ = peak_extra_bytes(step, device)
-    return {"provider": provider.name, "case": "kto-step", "tokens": shape.tokens, "hidden": shape.hidden,
-            "vocab": shape.vocab, "dtype": str(shape.dtype).removeprefix("torch."), "ms": seconds * 1e3,
-            "peak_mib": peak / 2**20}
+def peak_row(provider: Provider, shape, case: str, device: torch.device) -> float:
+    """Peak MiB beyond what is live before the measured call (inputs; for "backward", the saved forward).
+
+    On CPU this switches the process's allocator to mmap large blocks (see ``bench.memory``): take
+    every timing of a run before its first peak.
+    """
+    prepare, run = _runner(provider, shape, case, device)
+    run(*prepare())  # warm-up (compiles)
+    args = prepare()
+    peak, _ = peak_extra_bytes(lambda: run(*args), device)
+    return peak / 2**20
