@@ -1,6 +1,5 @@
 """linear_logprobs on both paths against float64 ground truth: values, stats, every gradient."""
 
-import dataclasses
 
 import pytest
 import torch
