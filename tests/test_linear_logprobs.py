@@ -1,6 +1,5 @@
 """linear_logprobs on both paths against float64 ground truth: values, stats, every gradient."""
 
-
 import pytest
 import torch
 from hypothesis import given
