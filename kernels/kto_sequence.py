@@ -22,10 +22,11 @@ N_SUMS = 12
 def kto_sequence_kernel(
     policy_ptr, ref_ptr, labels_ptr, kl_ptr, logit_sums_ptr, token_counts_ptr, entropy_sums_ptr,
     losses_ptr, coeff_ptr, rewards_ptr, sums_ptr,
-    B, beta, desirable_weight, undesirable_weight,
+    B, inv_batch, beta, desirable_weight, undesirable_weight,
     HAS_KL: tl.constexpr, HAS_TOKEN_STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    inv_batch = 1.0 / tl.maximum(B, 1).to(tl.float32)
+    # inv_batch = 1 / max(B, 1) comes from the host: Triton turns an integer argument equal to 1 into a
+    # constexpr, so arithmetic on B itself would not compile for a batch of one
     z0 = 0.0
     if HAS_KL:
         z0 = tl.load(kl_ptr).to(tl.float32)
@@ -104,7 +105,7 @@ def kto_sequence_terms(
         policy_logps.float().contiguous(), ref_logps.float().contiguous(), labels.to(torch.int32).contiguous(),
         kl, *stats,
         losses, coeff, rewards, sums,
-        batch, float(beta), float(desirable_weight), float(undesirable_weight),
+        batch, 1.0 / max(batch, 1), float(beta), float(desirable_weight), float(undesirable_weight),
         HAS_KL=kl is not None, HAS_TOKEN_STATS=token_stats is not None, BLOCK=block,
     )
     return losses, coeff, rewards, sums
