@@ -9,7 +9,7 @@ import torch
 
 from .kto_step import KTO_PROVIDERS, KTOShape, mean_entropy
 from .measure import CASES, Shape, peak_row, time_row
-from .providers import PROVIDERS
+from .providers import HALO_OPTIONS, PROVIDERS
 from .report import add_ratios, environment, plot, write
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,6 +35,8 @@ def main(argv=None) -> None:
                         help="comma list of random, peaked (logits like a trained model's; kto-step)")
     parser.add_argument("--reference", default=None, help="provider the ratios are taken to (default: halo-ops, "
                         "or halo-ops[torch] where Triton does not run)")
+    parser.add_argument("--grad-filter-eps", type=float, default=0.0,
+                        help="halo-ops providers: gradient filtering threshold (default 0, exact)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row on CPU (CUDA uses do_bench)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default=None, help="results file stem (default: bench-<device>)")
@@ -42,6 +44,7 @@ def main(argv=None) -> None:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    HALO_OPTIONS.update({"grad_filter_eps": args.grad_filter_eps} if args.grad_filter_eps else {})
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     tokens = args.tokens or ([1024, 4096, 16384] if cuda else [16384])
     hiddens = args.hidden or ([4096] if cuda else [128])

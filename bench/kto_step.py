@@ -13,6 +13,7 @@ import torch
 from halo_ops import fused_linear_kto_loss, kto_kl, kto_loss, linear_logprobs
 
 from .providers import (
+    HALO_OPTIONS,
     Provider,
     _always,
     _halo_triton_available,
@@ -92,7 +93,7 @@ def halo_step(x):
         ref_kl = linear_logprobs(x["ref_kl_hidden"], x["ref_weight"], x["kl_targets"], reduction="sum",
                                  check_targets=False)
     out = fused_linear_kto_loss(x["hidden"], x["weight"], x["targets"], x["labels"], ref, kl=kto_kl(policy_kl, ref_kl),
-                                beta=BETA, check_targets=False)
+                                beta=BETA, check_targets=False, **HALO_OPTIONS)
     out.loss.backward()
     return out.loss
 
@@ -103,7 +104,7 @@ def halo_torch_step(x):
         policy_kl = linear_logprobs(x["kl_hidden"], x["weight"], x["kl_targets"], reduction="sum", impl="torch")
         ref_kl = linear_logprobs(x["ref_kl_hidden"], x["ref_weight"], x["kl_targets"], reduction="sum", impl="torch")
     out = fused_linear_kto_loss(x["hidden"], x["weight"], x["targets"], x["labels"], ref, kl=kto_kl(policy_kl, ref_kl),
-                                beta=BETA, impl="torch")
+                                beta=BETA, impl="torch", **HALO_OPTIONS)
     out.loss.backward()
     return out.loss
 

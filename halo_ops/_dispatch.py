@@ -23,6 +23,7 @@ class OpSpec:
     ignore_index: int
     with_stats: bool
     deterministic: bool = False
+    grad_filter_eps: float = 0.0
 
 
 def _interpreting() -> bool:
@@ -87,12 +88,14 @@ def backward_tokens(spec: OpSpec, hidden, weight, bias, targets, lse, grad_logps
     # ZeRO-3 re-partitions the head after the forward; the recompute needs it whole again
     with torch.autocast(hidden.device.type, enabled=False), gathered(weight, bias):
         if spec.impl == "torch":
-            return chunked.chunked_backward(hidden, weight, bias, targets, lse, grad_logps, t, needs)
+            return chunked.chunked_backward(hidden, weight, bias, targets, lse, grad_logps, t, needs,
+                                            grad_filter_eps=spec.grad_filter_eps)
         from .kernels import linear_logprobs_backward
 
         return linear_logprobs_backward(
             hidden, weight, bias, targets, lse, grad_logps, logit_scale=t.logit_scale, softcap=t.softcap,
             temperature=t.temperature, needs=needs, deterministic=spec.deterministic,
+            grad_filter_eps=spec.grad_filter_eps,
         )
 
 
@@ -104,7 +107,7 @@ def _autocast(tensor: torch.Tensor | None, device_type: str) -> torch.Tensor | N
 
 
 def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_scale, softcap, temperature, impl,
-                          with_stats, check_targets, check_finite, deterministic=False):
+                          with_stats, check_targets, check_finite, deterministic=False, grad_filter_eps=0.0):
     """Autocast, validation and backend choice shared by the public ops.
 
     Returns (hidden [N, D], weight, bias, targets [N] int64 contiguous, spec).
@@ -114,7 +117,9 @@ def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_
     hidden, weight, bias = (_autocast(x, device_type) for x in (hidden, weight, bias))
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
                         check_targets=check_targets, check_finite=check_finite)
+    if not (isinstance(grad_filter_eps, (int, float)) and 0 <= grad_filter_eps < float("inf")):
+        raise ValueError(f"grad_filter_eps must be a finite number >= 0, got {grad_filter_eps!r}")
     spec = OpSpec(resolve_impl(impl, hidden.device, hidden.dtype), transform, int(ignore_index), with_stats,
-                   bool(deterministic))
+                   bool(deterministic), float(grad_filter_eps))
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, spec

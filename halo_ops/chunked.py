@@ -130,8 +130,12 @@ def chunked_backward(
     grad_logps: torch.Tensor,
     transform: LogitTransform,
     needs: tuple[bool, bool, bool],
+    grad_filter_eps: float = 0.0,
 ):
     """Gradients of ``Σ_t grad_logps[t] · logps[t]`` for hidden, weight and bias (None where not needed).
+
+    ``grad_filter_eps`` > 0 takes softmax probabilities below it as 0 in the gradient (as the kernels
+    do); on CPU a tile left all zero skips its GEMMs.
 
     ``grad_logps [N]`` must be 0 at ignored positions; rows with a zero coefficient are skipped.
     Gradients are accumulated in fp32 (fp64 for fp64 inputs) and returned in the inputs' dtypes.
@@ -162,11 +166,16 @@ def chunked_backward(
             z, w_c = _project(h_c, weight[v0:v1], None if bias is None else bias[v0:v1], transform)
             # dL/dz = g · (onehot − p): p in place, unless softcap's derivative still needs z
             dz = torch.sub(z, lse_c.unsqueeze(1)) if transform.softcap is not None else z.sub_(lse_c.unsqueeze(1))
-            dz.exp_().mul_(-g_c.unsqueeze(1))
+            dz.exp_()  # p
+            if grad_filter_eps > 0:
+                dz.masked_fill_(dz < grad_filter_eps, 0.0)
+            dz.mul_(-g_c.unsqueeze(1))
             local = t_c - v0
             in_tile = ((local >= 0) & (local < v1 - v0)).nonzero().squeeze(1)
             dz.index_put_((arange[in_tile], local[in_tile]), g_c[in_tile], accumulate=True)
             dy = transform.grad_from_logits_(dz, z)
+            if grad_filter_eps > 0 and dy.device.type == "cpu" and not bool(dy.any()):
+                continue  # no target here and every p below eps: nothing to add
             if gh_c is not None:
                 gh_c.addmm_(dy, w_c)
             if grad_w is not None:

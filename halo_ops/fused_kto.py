@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._dispatch import forward_tokens, prepare_linear_inputs
-from ._ops import input_grads, spec_args, spec_from_args, token_logprobs_backward
+from ._ops import N_SPEC_ARGS, input_grads, spec_args, spec_from_args, token_logprobs_backward
 from .chunked import accumulation_dtype
 from .kto import (
     SUM_KEYS,
@@ -51,12 +51,13 @@ def _sequence_terms(impl, policy_logps, ref_logps, labels, kl, beta, desirable_w
 def _fused_linear_kto(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, labels: Tensor, ref_logps: Tensor,
     kl: Tensor, impl: str, ignore_index: int, logit_scale: float, softcap: float, temperature: float,
-    with_stats: bool, deterministic: bool, seq: int, beta: float, desirable_weight: float,
+    with_stats: bool, deterministic: bool, grad_filter_eps: float, seq: int, beta: float, desirable_weight: float,
     undesirable_weight: float, average_log_prob: bool, saturation_threshold: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, D], targets [N] (N = B·T) → (loss, losses [B], policy_logps [B], rewards [B], sums, lse [N],
     token coefficients [N] = dloss/dlogp_t)."""
-    spec = spec_from_args(impl, ignore_index, logit_scale, softcap, temperature, with_stats, deterministic)
+    spec = spec_from_args(impl, ignore_index, logit_scale, softcap, temperature, with_stats, deterministic,
+                          grad_filter_eps)
     batch = targets.shape[0] // seq if seq else 0
     token_logps, lse, entropy, mean_logit = forward_tokens(spec, hidden, weight, bias, targets)
     valid = (targets != ignore_index).view(batch, seq)
@@ -77,7 +78,7 @@ def _fused_linear_kto(
 
 @_fused_linear_kto.register_fake
 def _(hidden, weight, bias, targets, labels, ref_logps, kl, impl, ignore_index, logit_scale, softcap, temperature,
-      with_stats, deterministic, seq, beta, desirable_weight, undesirable_weight, average_log_prob,
+      with_stats, deterministic, grad_filter_eps, seq, beta, desirable_weight, undesirable_weight, average_log_prob,
       saturation_threshold):
     n, batch = targets.shape[0], labels.shape[0]
     f32 = {"dtype": torch.float32}
@@ -86,9 +87,13 @@ def _(hidden, weight, bias, targets, labels, ref_logps, kl, impl, ignore_index, 
             hidden.new_empty(n, **f32))
 
 
+_N_TENSORS = 7  # hidden, weight, bias, targets, labels, ref_logps, kl; then the token op's options
+
+
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, *_ = inputs
-    ctx.options = inputs[7:14]  # impl … deterministic: the token op's options
+    ctx.n_inputs = len(inputs)
+    ctx.options = inputs[_N_TENSORS:_N_TENSORS + N_SPEC_ARGS]
     ctx.save_for_backward(hidden, weight, bias, targets, output[5], output[6])
 
 
@@ -98,7 +103,7 @@ def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
         grad_loss = token_coeff.new_zeros(())
     grads = token_logprobs_backward(hidden, weight, bias, targets, lse, grad_loss * token_coeff, *ctx.options, *needs)
-    return (*input_grads(grads, needs), *([None] * 17))
+    return (*input_grads(grads, needs), *([None] * (ctx.n_inputs - 3)))
 
 
 _fused_linear_kto.register_autograd(_backward, setup_context=_setup_context)
@@ -127,6 +132,7 @@ def fused_linear_kto_loss(
     check_targets: bool = True,
     check_finite: bool = False,
     deterministic: bool = False,
+    grad_filter_eps: float = 0.0,
 ) -> KTOOutput:
     """The KTO loss of TRL's KTOTrainer from the policy's last hidden states, never building the logits.
 
@@ -141,7 +147,7 @@ def fused_linear_kto_loss(
         kl: the reference point z0 from :func:`halo_ops.kto_kl`, or None for 0.
         beta, desirable_weight, undesirable_weight, loss_type: as TRL's ``KTOConfig``.
         logit_scale, softcap, temperature, ignore_index, impl, check_targets, check_finite,
-            deterministic: as :func:`halo_ops.linear_logprobs`.
+            deterministic, grad_filter_eps: as :func:`halo_ops.linear_logprobs`.
         average_log_prob: the per-sequence log-prob is the mean over its scored tokens instead of
             the sum (TRL's default is the sum).
         saturation_threshold: if > 0, sequences whose gradient coefficient |dloss_i/dlogp_i| is
@@ -162,7 +168,7 @@ def fused_linear_kto_loss(
     hidden2d, weight, bias, flat_targets, op = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, impl=impl, with_stats=True, check_targets=check_targets,
-        check_finite=check_finite, deterministic=deterministic)
+        check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps)
     labels = as_bool_labels(labels, batch, hidden.device)
     _check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)
     z0 = _kl_value(kl, loss_type, ref_logps.float())

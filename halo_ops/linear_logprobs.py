@@ -35,6 +35,7 @@ def linear_logprobs(
     check_targets: bool = True,
     check_finite: bool = False,
     deterministic: bool = False,
+    grad_filter_eps: float = 0.0,
 ) -> torch.Tensor | LinearLogProbs:
     """Log-probabilities of ``targets`` under a linear LM head, never building the ``[N, V]`` logits.
 
@@ -61,6 +62,10 @@ def linear_logprobs(
         check_finite: raise on NaN/inf in hidden, weight or bias (one extra pass and a sync).
         deterministic: Triton backward without atomics, bitwise reproducible from run to run, at the
             cost of one more logits recompute (the PyTorch path is always deterministic).
+        grad_filter_eps: if > 0, the backward takes softmax probabilities below it as 0 in
+            dL/dz = g · (onehot − p) (gradient filtering, as in cut-cross-entropy) and skips the
+            GEMMs of tiles left all zero: faster on peaked logits, approximate (each dropped entry
+            changes dL/dz by less than eps · |g_t|). Same function on every path. 0 (off) by default.
 
     Returns float32 log-probs (float64 for float64 inputs), differentiable with respect to hidden,
     weight and bias; gradients come back in the inputs' dtypes. Under ``torch.autocast`` the
@@ -70,7 +75,7 @@ def linear_logprobs(
     hidden2d, weight, bias, flat_targets, spec = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, impl=impl, with_stats=return_stats, check_targets=check_targets,
-        check_finite=check_finite, deterministic=deterministic)
+        check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps)
     logps, entropy, mean_logit = token_logprobs(hidden2d, weight, bias, flat_targets, spec)
     valid = targets != ignore_index
     logps = reduce_last_dim(logps.view(targets.shape), valid, reduction)

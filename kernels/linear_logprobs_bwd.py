@@ -27,11 +27,12 @@ from .tiles import logit_transform, logit_transform_grad, projection_tile
 @triton.jit
 def dlogits_tile(
     h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
-    stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dL/dy for one [BLOCK_N, BLOCK_V] tile: g · (onehot − exp(z − lse)) · dz/dy, 0 outside the problem."""
+    """dL/dy for one [BLOCK_N, BLOCK_V] tile: g · (onehot − p) · dz/dy with p = exp(z − lse), 0 outside the
+    problem; with HAS_FILTER, p < filter_eps is taken as 0 (gradient filtering)."""
     b_t = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
     b_lse = tl.load(lse_ptr + o_n, mask=m_n, other=float("inf"))
     b_y = projection_tile(
@@ -40,9 +41,18 @@ def dlogits_tile(
     )
     b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
     b_onehot = tl.where(o_v[None, :] == b_t[:, None], 1.0, 0.0)
-    b_dz = b_g[:, None] * (b_onehot - tl.exp(b_z - b_lse[:, None]))
+    b_p = tl.exp(b_z - b_lse[:, None])
+    if HAS_FILTER:
+        b_p = tl.where(b_p >= filter_eps, b_p, 0.0)
+    b_dz = b_g[:, None] * (b_onehot - b_p)
     b_dz = b_dz * logit_transform_grad(b_z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
     return tl.where(m_n[:, None] & m_v[None, :], b_dz, 0.0)
+
+
+@triton.jit
+def tile_has_gradient(b_dz):
+    """False when the tile contributes nothing (every entry 0, e.g. filtered): its GEMMs are skipped."""
+    return tl.max(tl.max(tl.abs(b_dz), axis=1), axis=0) > 0.0
 
 
 @triton.jit
@@ -92,8 +102,8 @@ def linear_logprobs_bwd_kernel(
     dh_ptr, dw_ptr, db_ptr,
     N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd,
-    logit_scale, softcap, temperature, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    logit_scale, softcap, temperature, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -109,20 +119,21 @@ def linear_logprobs_bwd_kernel(
         b_dz = dlogits_tile(
             h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
             stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
-            HAS_BIAS, HAS_SOFTCAP, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
-        if COMPUTE_DB:
-            tl.atomic_add(db_ptr + o_v, tl.sum(b_dz, axis=0), mask=m_v)
-        # The GEMMs take dL/dy in the inputs' dtype (tensor cores), accumulating in fp32.
-        b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
-        if UPCAST_BF16:
-            b_dz_in = b_dz_in.to(tl.float32)
-        if COMPUTE_DH:
-            add_dh_tile(dh_ptr, w_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_wv, stride_wd, True,
-                        UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
-        if COMPUTE_DW:
-            add_dw_tile(dw_ptr, h_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, True,
-                        UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
+        if tile_has_gradient(b_dz):
+            if COMPUTE_DB:
+                tl.atomic_add(db_ptr + o_v, tl.sum(b_dz, axis=0), mask=m_v)
+            # The GEMMs take dL/dy in the inputs' dtype (tensor cores), accumulating in fp32.
+            b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
+            if UPCAST_BF16:
+                b_dz_in = b_dz_in.to(tl.float32)
+            if COMPUTE_DH:
+                add_dh_tile(dh_ptr, w_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_wv, stride_wd, True,
+                            UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
+            if COMPUTE_DW:
+                add_dw_tile(dw_ptr, h_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, True,
+                            UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -131,9 +142,9 @@ def linear_logprobs_bwd_dh_kernel(
     h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, dh_ptr,
     N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd,
-    logit_scale, softcap, temperature, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    logit_scale, softcap, temperature, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Deterministic dH: one program per token block owns its dH rows and walks the vocabulary in order."""
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,13 +157,15 @@ def linear_logprobs_bwd_dh_kernel(
             b_dz = dlogits_tile(
                 h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
                 stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
-                HAS_BIAS, HAS_SOFTCAP, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+                filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V,
+                BLOCK_D,
             )
-            b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
-            if UPCAST_BF16:
-                b_dz_in = b_dz_in.to(tl.float32)
-            add_dh_tile(dh_ptr, w_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_wv, stride_wd, False,
-                        UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
+            if tile_has_gradient(b_dz):
+                b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
+                if UPCAST_BF16:
+                    b_dz_in = b_dz_in.to(tl.float32)
+                add_dh_tile(dh_ptr, w_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_wv, stride_wd, False,
+                            UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -161,8 +174,9 @@ def linear_logprobs_bwd_dw_kernel(
     h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, dw_ptr, db_ptr,
     N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd,
-    logit_scale, softcap, temperature, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    logit_scale, softcap, temperature, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -178,15 +192,17 @@ def linear_logprobs_bwd_dw_kernel(
             b_dz = dlogits_tile(
                 h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
                 stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
-                HAS_BIAS, HAS_SOFTCAP, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+                filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V,
+                BLOCK_D,
             )
             b_db += tl.sum(b_dz, axis=0)
             if COMPUTE_DW:
-                b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
-                if UPCAST_BF16:
-                    b_dz_in = b_dz_in.to(tl.float32)
-                add_dw_tile(dw_ptr, h_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, False,
-                            UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
+                if tile_has_gradient(b_dz):
+                    b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
+                    if UPCAST_BF16:
+                        b_dz_in = b_dz_in.to(tl.float32)
+                    add_dw_tile(dw_ptr, h_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, False,
+                                UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
     if COMPUTE_DB:
         tl.store(db_ptr + o_v, b_db, mask=m_v)
 
@@ -203,6 +219,7 @@ def linear_logprobs_backward(
     temperature: float,
     needs: tuple[bool, bool, bool],
     deterministic: bool = False,
+    grad_filter_eps: float = 0.0,
     config: BlockConfig = BACKWARD_CONFIG,
 ):
     """Gradients of Σ_t grad_logps[t] · logps[t] for (hidden, weight, bias), None where not needed.
@@ -211,6 +228,8 @@ def linear_logprobs_backward(
     ``deterministic``: instead of one tile-parallel pass with fp32 atomics (three GEMMs' work, sums in
     a run-dependent order), two owner-computes passes, one for dH and one for dW and db, that write
     each row in a fixed order (four GEMMs' work: the logits are recomputed once more).
+    ``grad_filter_eps`` > 0 takes softmax probabilities below it as 0 in dL/dz = g · (onehot − p); tiles
+    left all zero (no target, every p below it) skip their GEMMs.
     """
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
@@ -222,7 +241,8 @@ def linear_logprobs_backward(
     grad_b = torch.zeros((vocab,), **f32) if needs_b else None
     if n_tokens > 0 and (needs_h or needs_w or needs_b):
         common = dict(
-            temperature=float(temperature), **transform_args(logit_scale, softcap, temperature),
+            temperature=float(temperature), filter_eps=float(grad_filter_eps), HAS_FILTER=grad_filter_eps > 0,
+            **transform_args(logit_scale, softcap, temperature),
             **dot_options(hidden.dtype), **launch_options(config),
         )
         inputs = (hidden, weight, bias, targets, lse, grad_logps)

@@ -329,13 +329,15 @@ def test_sequence_kernel_matches_torch_autograd():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_fused_kto_deterministic_switch(impl):
+@pytest.mark.parametrize("switch", [{"deterministic": True}, {"grad_filter_eps": 1e-12}])
+def test_fused_kto_backward_switches(impl, switch):
+    """deterministic, and a filter below every probability, leave the KTO gradients as they are."""
     hidden, weight, bias, targets, labels, ref_logps = _fused_inputs(3, 12, 16, 67, torch.float32, bias=True)
     grads = []
-    for deterministic in (False, True):
+    for options in ({}, switch):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
         out = fused_linear_kto_loss(leaves[0], leaves[1], targets, labels, ref_logps, bias=leaves[2], kl=0.2,
-                                    impl=impl, deterministic=deterministic)
+                                    impl=impl, **options)
         out.loss.backward()
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads):

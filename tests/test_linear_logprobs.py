@@ -250,3 +250,53 @@ def test_torch_path_with_and_without_row_compaction(compact, monkeypatch):
     if not compact:
         monkeypatch.setattr(chunked, "_active_rows", lambda mask: None)
     check_case(Case(ignore_frac=0.4, empty_rows=1, bias=True, softcap=3.0, options={"ignore_index": -100}), "torch")
+
+
+def _filtered_reference_grads(hidden, weight, bias, targets, upstream, eps, transform):
+    """fp64 gradients with softmax probabilities below eps taken as 0: the definition of grad_filter_eps."""
+    from halo_ops.transform import LogitTransform
+
+    h, w, b = (t.detach().double() for t in (hidden, weight, bias))
+    t = LogitTransform(**transform)
+    y = (h @ w.t() + b).requires_grad_()
+    z = t.apply(y)
+    p = torch.softmax(z, -1).detach()
+    valid = targets != -100
+    onehot = torch.nn.functional.one_hot(targets.clamp(min=0), z.shape[-1]).double()
+    g = torch.where(valid, upstream.double(), 0.0).unsqueeze(-1)
+    dz = g * (onehot - torch.where(p >= eps, p, 0.0))
+    (dy,) = torch.autograd.grad(z, y, dz)  # dz · dz/dy
+    return dy @ w, dy.t() @ h, dy.sum(0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("eps", [1e-4, 1e-2])
+def test_grad_filter_eps_is_the_same_function_on_every_path(impl, eps):
+    """Both paths compute the filtered gradient exactly (fp32 accuracy), and the forward is untouched."""
+    gen = torch.Generator().manual_seed(2)
+    n, dim, vocab = 70, 24, 301
+    hidden = torch.randn(n, dim, generator=gen).to(DEVICE)
+    weight = (torch.randn(vocab, dim, generator=gen) * 0.6).to(DEVICE)  # peaked: most p far below eps
+    bias = (torch.randn(vocab, generator=gen) * 0.3).to(DEVICE)
+    targets = torch.randint(0, vocab, (n,), generator=gen).to(DEVICE)
+    targets[::7] = -100
+    upstream = torch.randn(n, generator=gen).to(DEVICE)
+    transform = {"logit_scale": 1.0, "softcap": 4.0, "temperature": 1.0}
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = linear_logprobs(leaves[0], leaves[1], targets, leaves[2], impl=impl, grad_filter_eps=eps, **transform)
+    (out * upstream).sum().backward()
+    exact = linear_logprobs(hidden, weight, targets, bias, impl=impl, **transform)
+    torch.testing.assert_close(out.detach(), exact)
+    expected = _filtered_reference_grads(hidden, weight, bias, targets, upstream, eps, transform)
+    for got, want in zip((t.grad for t in leaves), expected):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+    # The case must exercise the filter: the filtered dW differs visibly from the exact one
+    w64 = weight.double().requires_grad_()
+    unfiltered = linear_logprobs_reference(hidden.double(), w64, targets, bias.double(), **transform).logps
+    (exact_dw,) = torch.autograd.grad((unfiltered * upstream.double()).sum(), [w64])
+    assert (expected[1] - exact_dw).abs().max() > 1e-4
+
+
+def test_grad_filter_eps_must_be_non_negative():
+    with pytest.raises(ValueError, match="grad_filter_eps"):
+        linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), grad_filter_eps=-1.0)
