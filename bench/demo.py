@@ -82,6 +82,7 @@ def lm_head_step(args) -> None:
 def kto_finetune(args) -> None:
     import copy
     import json
+    import tempfile
     import warnings
 
     import trl
@@ -98,7 +99,7 @@ def kto_finetune(args) -> None:
     print(f"\nKTO fine-tune: {len(rows)} examples ({sum(r['label'] for r in rows)} desirable), tiny Llama with "
           f"V={args.vocab}, {args.steps} steps of {args.kto_batch}; same seeds for both trainers\n")
     def build(cls, steps):
-        config = trl.KTOConfig(output_dir=str(args.out / "kto-demo-run"), per_device_train_batch_size=args.kto_batch,
+        config = trl.KTOConfig(output_dir=scratch, per_device_train_batch_size=args.kto_batch,
                                max_steps=steps, learning_rate=args.lr, beta=0.5, logging_steps=1, report_to=[],
                                save_strategy="no", bf16=False, use_cpu=args.device == "cpu", disable_tqdm=True, seed=0)
         with warnings.catch_warnings():
@@ -108,6 +109,7 @@ def kto_finetune(args) -> None:
         trainer.remove_callback(PrinterCallback)  # the curves are printed below, side by side
         return trainer
 
+    scratch = tempfile.mkdtemp(prefix="halo-kto-demo-")  # the trainers' output_dir; nothing is saved there
     trainers = {"halo-ops": HaloKTOTrainer, "trl": trl.KTOTrainer}
     runs = {}
     for name, cls in trainers.items():
