@@ -92,7 +92,6 @@ _N_TENSORS = 7  # hidden, weight, bias, targets, labels, ref_logps, kl; then the
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, *_ = inputs
-    ctx.n_inputs = len(inputs)
     ctx.options = inputs[_N_TENSORS:_N_TENSORS + N_SPEC_ARGS]
     ctx.save_for_backward(hidden, weight, bias, targets, output[5], output[6])
 
@@ -103,7 +102,7 @@ def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
         grad_loss = token_coeff.new_zeros(())
     grads = token_logprobs_backward(hidden, weight, bias, targets, lse, grad_loss * token_coeff, *ctx.options, *needs)
-    return (*input_grads(grads, needs), *([None] * (ctx.n_inputs - 3)))
+    return (*input_grads(grads, needs), *([None] * (len(ctx.needs_input_grad) - 3)))
 
 
 _fused_linear_kto.register_autograd(_backward, setup_context=_setup_context)
