@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,17 +27,75 @@ class BlockConfig:
     num_stages: int = 3
 
 
-# First defaults, not yet tuned on a GPU (bench/NOTES.md records tuning).
-FORWARD_CONFIG = BlockConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
-BACKWARD_CONFIG = BlockConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
+KERNELS = ("forward", "backward", "backward_dh", "backward_dw")
+
+# Defaults, not timed on a GPU yet (bench/NOTES.md). Half-precision tiles feed the tensor cores.
+# An exact fp32 tl.dot runs on the FMA units and holds its operands in registers, so fp32 takes
+# smaller tiles: with the half-precision ones it spills and needs 112 KiB of shared memory in the
+# backward, over the 99 KiB of sm_86/sm_89. Both compile with no spills and fit every sm_80+
+# architecture (python -m bench.cross_compile).
+HALF_CONFIG = BlockConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
+FP32_CONFIG = BlockConfig(block_n=64, block_v=64, block_d=16, num_warps=8, num_stages=2)
+
+# A tuned table is keyed on (kernel, GPU architecture, dtype, hidden bucket, vocabulary bucket); a
+# bucket is the smallest edge at or above the size.
+HIDDEN_BUCKETS = (1024, 2048, 4096, 8192, 2**31 - 1)
+VOCAB_BUCKETS = (65536, 163840, 2**31 - 1)  # up to Llama 2/Mistral, up to Llama 3/Qwen 2, beyond (Gemma)
+TUNED_TABLE = Path(__file__).with_name("tuned_configs.json")
+TUNED_TABLE_ENV = "HALO_OPS_TUNED_CONFIGS"
+
+
+def bucket(size: int, edges: tuple[int, ...]) -> int:
+    return next(edge for edge in edges if size <= edge)
+
+
+def table_key(kernel: str, arch: str, dtype: torch.dtype, hidden: int, vocab: int) -> tuple:
+    return kernel, arch, str(dtype).removeprefix("torch."), bucket(hidden, HIDDEN_BUCKETS), bucket(vocab, VOCAB_BUCKETS)
+
+
+@functools.lru_cache(maxsize=8)
+def tuned_configs(path: str) -> dict[tuple, BlockConfig]:
+    """The table written by ``python -m bench.autotune``: {"entries": [{kernel, arch, dtype,
+    hidden_bucket, vocab_bucket, config: {block_n, ...}, ...}]} → {key: BlockConfig}."""
+    with open(path, encoding="utf-8") as f:
+        entries = json.load(f)["entries"]
+    table = {}
+    for entry in entries:
+        if entry["kernel"] not in KERNELS:
+            raise ValueError(f"{path}: unknown kernel {entry['kernel']!r}, expected one of {KERNELS}")
+        key = (entry["kernel"], entry["arch"], entry["dtype"], entry["hidden_bucket"], entry["vocab_bucket"])
+        table[key] = BlockConfig(**entry["config"])
+    return table
+
+
+def device_arch(device: torch.device) -> str | None:
+    """``sm_90`` for an H100, None off CUDA (the interpreter takes the defaults)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def select_config(kernel: str, dtype: torch.dtype, hidden: int, vocab: int, arch: str | None) -> BlockConfig:
+    """The tuned config for this kernel, architecture, dtype and (hidden, vocabulary) bucket, read from
+    $HALO_OPS_TUNED_CONFIGS or the shipped table; the dtype's default where the table has none."""
+    if arch is not None:
+        tuned = tuned_configs(os.environ.get(TUNED_TABLE_ENV) or str(TUNED_TABLE))
+        config = tuned.get(table_key(kernel, arch, dtype, hidden, vocab))
+        if config is not None:
+            return config
+    return FP32_CONFIG if dtype == torch.float32 else HALF_CONFIG
 
 
 def dot_options(dtype: torch.dtype) -> dict:
-    """constexprs for tl.dot: exact fp32 (no silent TF32), and fp32 tiles for bf16 under the interpreter."""
+    """constexprs for tl.dot. float32 follows torch.get_float32_matmul_precision(): exact ("ieee") at
+    the default "highest", TF32 tensor cores at "high" or "medium", as torch's own matmuls do. bfloat16
+    tiles become fp32 under the interpreter, which multiplies their bit patterns (triton-lang/triton#11584)."""
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 inputs, got {dtype}")
+    exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     return {
-        "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "INPUT_PRECISION": "ieee" if exact else "tf32",
         "UPCAST_BF16": interpreting() and dtype == torch.bfloat16,
     }
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import BACKWARD_CONFIG, BlockConfig, dot_options, launch_options, transform_args
+from .config import BlockConfig, device_arch, dot_options, launch_options, select_config, transform_args
 from .tiles import logit_transform, logit_transform_grad, projection_tile
 
 
@@ -206,6 +206,7 @@ def linear_logprobs_bwd_dw_kernel(
     if COMPUTE_DB:
         tl.store(db_ptr + o_v, b_db, mask=m_v)
 
+
 def linear_logprobs_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -220,7 +221,7 @@ def linear_logprobs_backward(
     needs: tuple[bool, bool, bool],
     deterministic: bool = False,
     grad_filter_eps: float = 0.0,
-    config: BlockConfig = BACKWARD_CONFIG,
+    config: BlockConfig | None = None,
 ):
     """Gradients of Σ_t grad_logps[t] · logps[t] for (hidden, weight, bias), None where not needed.
 
@@ -229,7 +230,8 @@ def linear_logprobs_backward(
     a run-dependent order), two owner-computes passes, one for dH and one for dW and db, that write
     each row in a fixed order (four GEMMs' work: the logits are recomputed once more).
     ``grad_filter_eps`` > 0 takes softmax probabilities below it as 0 in dL/dz = g · (onehot − p); tiles
-    left all zero (no target, every p below it) skip their GEMMs.
+    left all zero (no target, every p below it) skip their GEMMs. ``config``: block sizes, warps and
+    stages for every kernel launched (default: each kernel's tuned or default config).
     """
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
@@ -240,25 +242,28 @@ def linear_logprobs_backward(
     grad_w = torch.zeros((vocab, dim), **f32) if needs_w else None
     grad_b = torch.zeros((vocab,), **f32) if needs_b else None
     if n_tokens > 0 and (needs_h or needs_w or needs_b):
-        common = dict(
-            temperature=float(temperature), filter_eps=float(grad_filter_eps), HAS_FILTER=grad_filter_eps > 0,
-            **transform_args(logit_scale, softcap, temperature),
-            **dot_options(hidden.dtype), **launch_options(config),
-        )
-        inputs = (hidden, weight, bias, targets, lse, grad_logps)
-        sizes = (n_tokens, vocab, dim, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+        arch = device_arch(hidden.device)
+
+        def launch(kernel, name, grid_axes, *outputs, **flags):
+            cfg = config or select_config(name, hidden.dtype, dim, vocab, arch)
+            blocks = {"tokens": triton.cdiv(n_tokens, cfg.block_n), "vocab": triton.cdiv(vocab, cfg.block_v)}
+            kernel[tuple(blocks[axis] for axis in grid_axes)](
+                hidden, weight, bias, targets, lse, grad_logps, *outputs,
+                n_tokens, vocab, dim, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                temperature=float(temperature), filter_eps=float(grad_filter_eps), HAS_FILTER=grad_filter_eps > 0,
+                **transform_args(logit_scale, softcap, temperature),
+                **dot_options(hidden.dtype), **launch_options(cfg), **flags,
+            )
+
         if deterministic:
             if needs_h:
-                grid = (triton.cdiv(n_tokens, config.block_n),)
-                linear_logprobs_bwd_dh_kernel[grid](*inputs, grad_h, *sizes, **common)
+                launch(linear_logprobs_bwd_dh_kernel, "backward_dh", ("tokens",), grad_h)
             if needs_w or needs_b:
-                grid = (triton.cdiv(vocab, config.block_v),)
-                linear_logprobs_bwd_dw_kernel[grid](*inputs, grad_w, grad_b, *sizes, COMPUTE_DW=needs_w,
-                                                    COMPUTE_DB=needs_b, **common)
+                launch(linear_logprobs_bwd_dw_kernel, "backward_dw", ("vocab",), grad_w, grad_b,
+                       COMPUTE_DW=needs_w, COMPUTE_DB=needs_b)
         else:
-            grid = (triton.cdiv(n_tokens, config.block_n), triton.cdiv(vocab, config.block_v))
-            linear_logprobs_bwd_kernel[grid](*inputs, grad_h, grad_w, grad_b, *sizes, COMPUTE_DH=needs_h,
-                                             COMPUTE_DW=needs_w, COMPUTE_DB=needs_b, **common)
+            launch(linear_logprobs_bwd_kernel, "backward", ("tokens", "vocab"), grad_h, grad_w, grad_b,
+                   COMPUTE_DH=needs_h, COMPUTE_DW=needs_w, COMPUTE_DB=needs_b)
 
     def cast(grad, like):
         return None if grad is None else grad.to(like.dtype)

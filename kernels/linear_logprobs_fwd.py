@@ -14,7 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import FORWARD_CONFIG, BlockConfig, dot_options, launch_options, transform_args, vocab_splits
+from .config import (
+    BlockConfig,
+    device_arch,
+    dot_options,
+    launch_options,
+    select_config,
+    transform_args,
+    vocab_splits,
+)
 from .tiles import logit_transform, projection_tile
 
 
@@ -86,16 +94,18 @@ def linear_logprobs_forward(
     softcap: float | None,
     temperature: float,
     with_stats: bool,
-    config: BlockConfig = FORWARD_CONFIG,
+    config: BlockConfig | None = None,
     splits: int | None = None,
 ):
     """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 → (logps, lse, entropy, mean_logit).
 
     Each output is [N] fp32. logps, entropy and mean_logit are 0 and lse is +inf at ignored
-    targets; entropy and mean_logit are None unless ``with_stats``.
+    targets; entropy and mean_logit are None unless ``with_stats``. ``config``: block sizes, warps
+    and stages (default: the tuned table's entry for this GPU, dtype and shape, or the dtype's default).
     """
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
+    config = config or select_config("forward", hidden.dtype, dim, vocab, device_arch(hidden.device))
     splits = splits or vocab_splits(n_tokens, vocab, config, hidden.device)
     vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), config.block_v) * config.block_v
     splits = triton.cdiv(vocab, vocab_per_split)

@@ -1,0 +1,261 @@
+"""``python -m bench.cross_compile``: build every kernel specialization for an NVIDIA GPU, on any machine.
+
+Triton compiles for a target without a GPU present: only the launch needs the driver. This module
+stands in a driver that names a target (``sm_90`` for H100/H200, ``sm_80`` for A100, ``sm_89`` for
+L4/L40S/RTX 4090) and turns every launch into a compile, then runs the real launchers with small CPU
+tensors. Each specialization the ops produce is therefore built exactly as a GPU run would build it
+(same arguments, same constexprs, same warps and stages), and its cubin is read back with the
+``cuobjdump`` that ships with Triton:
+
+- registers per thread and spill bytes (``LOCAL``), which the interpreter cannot show;
+- shared memory per program, against the architecture's per-block limit (a launch above it fails);
+- the matrix instructions used: ``wgmma`` (Hopper tensor cores), ``mma`` (Ampere-style), or none;
+- programs per SM from registers, shared memory and warps, the occupancy bound.
+
+It runs without TRITON_INTERPRET (kernels must be compiled, not interpreted, in this process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Per-architecture limits (CUDA programming guide, compute capabilities table): the most dynamic
+# shared memory one program may use, shared memory per SM, and resident warps per SM.
+ARCH_LIMITS = {
+    80: {"max_shared_per_block": 166912, "shared_per_sm": 167936, "warps_per_sm": 64},
+    86: {"max_shared_per_block": 101376, "shared_per_sm": 102400, "warps_per_sm": 48},
+    89: {"max_shared_per_block": 101376, "shared_per_sm": 102400, "warps_per_sm": 48},
+    90: {"max_shared_per_block": 232448, "shared_per_sm": 233472, "warps_per_sm": 64},
+}
+REGISTERS_PER_SM = 65536
+MAX_PROGRAMS_PER_SM = 32
+
+
+class _TargetDriver:
+    """Just enough of a Triton driver to specialize and compile for ``target`` (no launches)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return f"cross-compile:{self.target.backend}:{self.target.arch}"
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@contextlib.contextmanager
+def compiling_for(arch: int):
+    """Inside, every Triton launch compiles for ``sm_<arch>`` and launches nothing; yields the list of
+    (kernel name, CompiledKernel) pairs, one per launch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from halo_ops.kernels import interpreting, linear_logprobs_fwd
+
+    if interpreting() or not isinstance(linear_logprobs_fwd.linear_logprobs_fwd_kernel.fn, JITFunction):
+        raise RuntimeError("cross-compiling needs compiled kernels: run it in a process without TRITON_INTERPRET=1")
+    launches = []
+    real_run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        compiled = real_run(self, *args, grid=grid, warmup=True, **kwargs)
+        launches.append((self.__name__, compiled))
+        return compiled
+
+    previous = driver._active
+    driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
+    JITFunction.run = compile_only
+    try:
+        yield launches
+    finally:
+        JITFunction.run = real_run
+        driver.set_active(previous)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One launcher call: the kernel specialization it produces is what gets built."""
+
+    label: str
+    dtype: torch.dtype
+    bias: bool = False
+    softcap: bool = False
+    with_stats: bool = False
+    deterministic: bool = False
+    grad_filter_eps: float = 0.0
+    needs: tuple[bool, bool, bool] = (True, True, True)
+    matmul_precision: str = "highest"  # torch.set_float32_matmul_precision: "high" takes fp32 GEMMs to TF32
+    config: object = None  # kernels.BlockConfig, None: the launcher's choice
+
+
+def standard_cases() -> list[Case]:
+    """The specializations the public ops produce: every dtype, plain and with every option on,
+    the deterministic passes, gradient filtering, and a frozen head (dH only, the LoRA case)."""
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        name = str(dtype).removeprefix("torch.")
+        cases.append(Case(f"{name}", dtype))
+        cases.append(Case(f"{name} bias+softcap+stats+filter", dtype, bias=True, softcap=True, with_stats=True,
+                          grad_filter_eps=2**-12))
+        cases.append(Case(f"{name} deterministic", dtype, deterministic=True))
+    cases.append(Case("float32 TF32 (matmul precision high)", torch.float32, matmul_precision="high"))
+    cases.append(Case("bfloat16 deterministic bias+softcap+filter", torch.bfloat16, bias=True, softcap=True,
+                      deterministic=True, grad_filter_eps=2**-12))
+    cases.append(Case("bfloat16 frozen head (dH only)", torch.bfloat16, needs=(True, False, False)))
+    return cases
+
+
+def launch_case(case: Case, n_tokens: int = 256, dim: int = 256, vocab: int = 1024) -> None:
+    """Run the forward and backward launchers (and the KTO sequence kernel) once for ``case``."""
+    from halo_ops.kernels import kto_sequence_terms, linear_logprobs_backward, linear_logprobs_forward
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n_tokens, dim, generator=generator).to(case.dtype)
+    weight = torch.randn(vocab, dim, generator=generator).to(case.dtype)
+    bias = torch.randn(vocab, generator=generator).to(case.dtype) if case.bias else None
+    targets = torch.randint(0, vocab, (n_tokens,), generator=generator)
+    transform = {"logit_scale": 1.0, "softcap": 30.0 if case.softcap else None, "temperature": 1.0}
+    config = {"config": case.config} if case.config is not None else {}
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(case.matmul_precision)
+    try:
+        linear_logprobs_forward(hidden, weight, bias, targets, ignore_index=-100, with_stats=case.with_stats,
+                                **transform, **config)
+        linear_logprobs_backward(hidden, weight, bias, targets, torch.zeros(n_tokens), torch.ones(n_tokens),
+                                 needs=case.needs, deterministic=case.deterministic,
+                                 grad_filter_eps=case.grad_filter_eps, **transform, **config)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    if case.dtype == torch.float32 and not case.bias and not case.deterministic:
+        batch = torch.zeros(8)
+        kto_sequence_terms(batch, batch, batch > 0, torch.zeros(()), beta=0.1, desirable_weight=1.0,
+                           undesirable_weight=1.0, token_stats=(batch, batch, batch))
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(compiled, arch: int) -> dict:
+    """Registers, spills, shared memory, matrix instructions and programs per SM of one compiled kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    usage = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", dump)}
+    ptx = compiled.asm["ptx"]
+    matrix = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "none"
+    warps, shared = compiled.metadata.num_warps, compiled.metadata.shared
+    limits = ARCH_LIMITS[arch]
+    registers_per_program = math.ceil(usage["reg"] * 32 / 256) * 256 * warps  # allocated per warp in 256s
+    programs_per_sm = min(
+        REGISTERS_PER_SM // registers_per_program,
+        limits["shared_per_sm"] // (shared + 1024),  # 1 KiB per program is reserved by the system
+        limits["warps_per_sm"] // warps,
+        MAX_PROGRAMS_PER_SM,
+    )
+    return {
+        "registers": usage["reg"],
+        "spill_bytes": usage["local"] + usage["stack"],
+        "shared_bytes": shared,
+        "fits": shared <= limits["max_shared_per_block"],
+        "matrix": matrix,
+        "warps": warps,
+        "stages": compiled.metadata.num_stages,
+        "programs_per_sm": programs_per_sm,
+    }
+
+
+def build(cases: list[Case], arch: int) -> list[dict]:
+    """One row per compiled kernel: the case, the kernel and its resource usage on ``sm_<arch>``."""
+    rows = []
+    for case in cases:
+        with compiling_for(arch) as launches:
+            launch_case(case)
+        seen = set()
+        for name, compiled in launches:
+            if name in seen:
+                continue
+            seen.add(name)
+            rows.append({"arch": f"sm_{arch}", "case": case.label, "kernel": name,
+                         **resource_usage(compiled, arch)})
+    return rows
+
+
+def problems(rows: list[dict], *, tensor_cores: bool = True) -> list[str]:
+    """What would go wrong on the GPU: spills, shared memory over the limit, half-precision GEMMs
+    without matrix instructions."""
+    found = []
+    for row in rows:
+        where = f"{row['arch']} {row['case']}: {row['kernel']}"
+        if row["spill_bytes"]:
+            found.append(f"{where} spills {row['spill_bytes']} bytes")
+        if not row["fits"]:
+            found.append(f"{where} needs {row['shared_bytes']} bytes of shared memory, over the limit")
+        half = not row["case"].startswith("float32") or "TF32" in row["case"]
+        if tensor_cores and half and row["kernel"].startswith("linear_logprobs") and row["matrix"] == "none":
+            found.append(f"{where} uses no tensor-core instructions")
+    return found
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = ["arch", "case", "kernel", "registers", "spill_bytes", "shared_bytes", "matrix", "warps", "stages",
+               "programs_per_sm"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cross_compile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="80,89,90", help=f"comma list of {', '.join(map(str, ARCH_LIMITS))}")
+    parser.add_argument("--dtype", default=None, help="only the cases of this dtype (bfloat16, float16, float32)")
+    parser.add_argument("--config", default=None,
+                        help="BLOCK_N,BLOCK_V,BLOCK_D,warps,stages for every launch (default: the launchers' own)")
+    parser.add_argument("--out", type=Path, default=None, help="write cross-compile.md here")
+    args = parser.parse_args(argv)
+    import triton
+
+    cases = [c for c in standard_cases() if args.dtype is None or c.label.startswith(args.dtype)]
+    if args.config:
+        from dataclasses import replace
+
+        from halo_ops.kernels import BlockConfig
+
+        config = BlockConfig(*(int(x) for x in args.config.split(",")))
+        cases = [replace(c, config=config) for c in cases]
+    rows = []
+    for arch in (int(a) for a in args.arch.split(",")):
+        rows += build(cases, arch)
+    text = f"Built with triton {triton.__version__}, torch {torch.__version__}, no GPU needed.\n\n" + markdown(rows)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cross-compile.md").write_text("# Kernel resource usage per architecture\n\n" + text)
+    found = problems(rows)
+    for line in found:
+        print("PROBLEM:", line)
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
