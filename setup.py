@@ -33,6 +33,7 @@ setup(
         "halo_ops.kernels": "kernels",
         "halo_ops.integrations": "integrations",
     },
+    package_data={"halo_ops.kernels": ["tuned_configs.json"]},  # block configs timed by bench/autotune.py
     install_requires=[
         "torch>=2.4",
         # Triton wheels exist for Linux x86_64/aarch64; elsewhere the chunked PyTorch path runs.

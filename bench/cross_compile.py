@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import re
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="only the cases of this dtype (bfloat16, float16, float32)")
     parser.add_argument("--config", default=None,
                         help="BLOCK_N,BLOCK_V,BLOCK_D,warps,stages for every launch (default: the launchers' own)")
-    parser.add_argument("--out", type=Path, default=None, help="write cross-compile.md here")
+    parser.add_argument("--out", type=Path, default=None, help="write cross-compile.md and cross-compile.json here")
     args = parser.parse_args(argv)
     import triton
 
@@ -251,6 +252,7 @@ def main(argv=None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "cross-compile.md").write_text("# Kernel resource usage per architecture\n\n" + text)
+        (args.out / "cross-compile.json").write_text(json.dumps(rows, indent=1) + "\n")
     found = problems(rows)
     for line in found:
         print("PROBLEM:", line)

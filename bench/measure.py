@@ -34,7 +34,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _median_seconds(fn, device, repeats: int, setup=None) -> float:
+def median_seconds(fn, device, repeats: int, setup=None) -> float:
     if device.type == "cuda" and setup is None:
         import triton
 
@@ -84,8 +84,8 @@ def time_row(provider: Provider, shape, case: str, device: torch.device, repeats
     prepare, run = _runner(provider, shape, case, device)
     run(*prepare())
     if device.type == "cuda" and case not in ("backward", "kto-step"):
-        return _median_seconds(run, device, repeats) * 1e3
-    return _median_seconds(run, device, repeats, setup=prepare) * 1e3
+        return median_seconds(run, device, repeats) * 1e3
+    return median_seconds(run, device, repeats, setup=prepare) * 1e3
 
 
 def peak_row(provider: Provider, shape, case: str, device: torch.device) -> float:

@@ -1,0 +1,187 @@
+"""``python -m bench.autotune``: time candidate block configs per kernel and (D, V) bucket; write the table.
+
+For each hidden size D and vocabulary size V given (one representative shape per bucket), each
+kernel (``forward``, ``backward`` (atomic), ``backward_dh`` and ``backward_dw`` (deterministic)) and
+each candidate config, the launcher runs with that config, its result is checked against the
+default config's, and it is timed (``triton.testing.do_bench`` median on CUDA). A candidate that
+does not compile on this GPU (shared memory, say) is recorded as such. The fastest correct one is
+kept, and only where it beats the default by more than ``--min-gain``; elsewhere the default stands.
+
+Writes ``tuned_configs.json`` (the format ``kernels/config.py`` reads: copy it over
+``kernels/tuned_configs.json``, or point ``HALO_OPS_TUNED_CONFIGS`` at it) and ``autotune.md`` with
+every timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
+from halo_ops.kernels.config import KERNELS, device_arch, select_config, table_key
+
+from .measure import Shape, median_seconds
+from .report import environment
+
+# Candidates around the defaults (kernels/config.py): bigger token and vocabulary blocks for reuse,
+# fewer warps, deeper pipelines. Those that do not fit a GPU fail to compile there and are skipped.
+HALF_CANDIDATES = [
+    BlockConfig(64, 128, 64, 8, 3),
+    BlockConfig(128, 128, 64, 8, 3),
+    BlockConfig(128, 64, 64, 4, 3),
+    BlockConfig(64, 256, 64, 8, 3),
+    BlockConfig(128, 256, 64, 8, 3),
+    BlockConfig(64, 128, 64, 4, 4),
+    BlockConfig(128, 128, 32, 8, 4),
+    BlockConfig(64, 128, 128, 8, 2),
+]
+FP32_CANDIDATES = [
+    BlockConfig(64, 64, 16, 8, 2),
+    BlockConfig(64, 64, 32, 8, 1),
+    BlockConfig(32, 64, 32, 8, 2),
+    BlockConfig(64, 128, 16, 8, 2),
+    BlockConfig(32, 128, 32, 8, 2),
+]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# What each candidate's result may differ from the default's by, relative to the result's largest
+# entry: the order of the fp32 sums changes with the blocks (and with atomics, from run to run),
+# and half-precision gradients are rounded once at the end.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def kernel_call(kernel: str, hidden, weight, targets, config: BlockConfig):
+    """A no-argument callable that runs ``kernel``'s launcher with ``config`` and returns its outputs."""
+    transform = {"logit_scale": 1.0, "softcap": None, "temperature": 1.0}
+    if kernel == "forward":
+        return lambda: linear_logprobs_forward(hidden, weight, None, targets, ignore_index=-100, with_stats=False,
+                                               config=config, **transform)[:2]
+    lse = linear_logprobs_forward(hidden, weight, None, targets, ignore_index=-100, with_stats=False,
+                                  **transform)[1]
+    grad = torch.linspace(-1.0, 1.0, hidden.shape[0], device=hidden.device)
+    needs, deterministic = {"backward": ((True, True, False), False), "backward_dh": ((True, False, False), True),
+                            "backward_dw": ((False, True, False), True)}[kernel]
+    return lambda: tuple(g for g in linear_logprobs_backward(
+        hidden, weight, None, targets, lse, grad, needs=needs, deterministic=deterministic, config=config,
+        **transform) if g is not None)
+
+
+def relative_error(result, expected) -> float:
+    return max(((r.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-30)).item()
+               for r, e in zip(result, expected))
+
+
+def tune(kernel: str, shape: Shape, device: torch.device, candidates: list[BlockConfig], repeats: int = 3,
+         timer=None) -> list[dict]:
+    """One row per candidate: config, ms (None if it failed), relative error against the default's result.
+
+    ``timer(call, device, repeats)`` → seconds; default ``bench.measure.median_seconds``."""
+    timer = timer or median_seconds
+    hidden, weight, targets = shape.inputs(device, requires_grad=False)
+    default = select_config(kernel, shape.dtype, shape.hidden, shape.vocab, None)
+    expected = kernel_call(kernel, hidden, weight, targets, default)()
+    rows = []
+    for config in dict.fromkeys([default, *candidates]):
+        row = {"kernel": kernel, "config": config, "default": config == default, "ms": None, "error": None}
+        call = kernel_call(kernel, hidden, weight, targets, config)
+        try:
+            row["error"] = relative_error(call(), expected)
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile here is a result too
+            row["failure"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+            rows.append(row)
+            continue
+        if row["error"] > TOLERANCE[shape.dtype]:
+            row["failure"] = f"result differs from the default config's by {row['error']:.2e} (relative)"
+        else:
+            row["ms"] = timer(call, device, repeats) * 1e3
+        rows.append(row)
+    return rows
+
+
+def best(rows: list[dict], min_gain: float) -> dict | None:
+    """The fastest correct row, if it beats the default row by more than ``min_gain`` (a fraction)."""
+    timed = [r for r in rows if r["ms"] is not None]
+    default = next((r for r in timed if r["default"]), None)
+    fastest = min(timed, key=lambda r: r["ms"], default=None)
+    if fastest is None or default is None or fastest["default"]:
+        return None
+    return fastest if fastest["ms"] < default["ms"] * (1 - min_gain) else None
+
+
+def table_entry(kernel: str, arch: str, shape: Shape, row: dict, default_ms: float, env: dict) -> dict:
+    _, _, dtype, hidden_bucket, vocab_bucket = table_key(kernel, arch, shape.dtype, shape.hidden, shape.vocab)
+    return {"kernel": kernel, "arch": arch, "dtype": dtype, "hidden_bucket": hidden_bucket,
+            "vocab_bucket": vocab_bucket, "config": asdict(row["config"]), "ms": round(row["ms"], 4),
+            "default_ms": round(default_ms, 4), "measured_at": {"tokens": shape.tokens, "hidden": shape.hidden,
+                                                              "vocab": shape.vocab},
+            "device": env["device"], "date": env["date"]}
+
+
+def markdown(results: list[tuple[Shape, list[dict]]], env: dict) -> str:
+    lines = ["# Block-config autotuning", "", *(f"- {k}: {v}" for k, v in env.items()), "",
+             "| kernel | tokens | hidden | vocab | dtype | BLOCK_N | BLOCK_V | BLOCK_D | warps | stages | ms | "
+             "rel. error | note |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for shape, rows in results:
+        for r in rows:
+            c = r["config"]
+            ms = f"{r['ms']:.3f}" if r["ms"] is not None else ""
+            err = f"{r['error']:.1e}" if r["error"] is not None else ""
+            note = "default" if r["default"] else r.get("failure", "")
+            lines.append(f"| {r['kernel']} | {shape.tokens} | {shape.hidden} | {shape.vocab} | "
+                         f"{str(shape.dtype).removeprefix('torch.')} | {c.block_n} | {c.block_v} | {c.block_d} | "
+                         f"{c.num_warps} | {c.num_stages} | {ms} | {err} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.autotune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--hidden", default="2048,4096", help="comma list of D, one per bucket")
+    parser.add_argument("--vocab", default="32000,128256,256000", help="comma list of V, one per bucket")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {', '.join(KERNELS)}")
+    parser.add_argument("--candidates", default=None,
+                        help="semicolon list of BLOCK_N,BLOCK_V,BLOCK_D,warps,stages (default: the built-in list)")
+    parser.add_argument("--min-gain", type=float, default=0.03, help="keep a config only if this much faster")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per candidate on CPU")
+    parser.add_argument("--arch", default=None, help="table key (default: this GPU's, e.g. sm_90)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    arch = args.arch or device_arch(device)
+    if arch is None:
+        parser.error("--arch is needed off CUDA (the table is keyed on the GPU architecture)")
+    if args.candidates:
+        candidates = [BlockConfig(*(int(x) for x in c.split(","))) for c in args.candidates.split(";")]
+    else:
+        candidates = FP32_CANDIDATES if dtype == torch.float32 else HALF_CANDIDATES
+    env = environment(device)
+    results, entries = [], []
+    for hidden in (int(x) for x in args.hidden.split(",")):
+        for vocab in (int(x) for x in args.vocab.split(",")):
+            shape = Shape(args.tokens, hidden, vocab, dtype)
+            for kernel in args.kernels.split(","):
+                rows = tune(kernel, shape, device, candidates, args.repeats)
+                results.append((shape, rows))
+                winner = best(rows, args.min_gain)
+                default_ms = next(r["ms"] for r in rows if r["default"])
+                print(f"{kernel} D={hidden} V={vocab}: default {default_ms:.3f} ms, "
+                      + (f"{winner['config']} {winner['ms']:.3f} ms" if winner else "default kept"))
+                if winner:
+                    entries.append(table_entry(kernel, arch, shape, winner, default_ms, env))
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = {"about": f"python -m bench.autotune on {env['device']}, {env['date']}", "entries": entries}
+    (args.out / "tuned_configs.json").write_text(json.dumps(table, indent=1) + "\n")
+    (args.out / "autotune.md").write_text(markdown(results, env))
+    print(f"wrote {args.out / 'tuned_configs.json'} ({len(entries)} entries) and {args.out / 'autotune.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Launch configs: the per-(kernel, arch, dtype, D bucket, V bucket) table, its defaults, the autotuner
+that writes it, and the cross-compile check that every specialization builds for real GPUs."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
+from halo_ops.kernels import config as kconfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TUNED = BlockConfig(block_n=16, block_v=32, block_d=16, num_warps=1, num_stages=1)
+
+
+def write_table(path: Path, entries: list[dict]) -> str:
+    path.write_text(json.dumps({"entries": entries}))
+    return str(path)
+
+
+def entry(kernel="forward", arch="sm_90", dtype="bfloat16", hidden_bucket=4096, vocab_bucket=163840,
+          config=TUNED) -> dict:
+    return {"kernel": kernel, "arch": arch, "dtype": dtype, "hidden_bucket": hidden_bucket,
+            "vocab_bucket": vocab_bucket, "config": asdict(config)}
+
+
+def test_defaults_per_dtype_without_a_gpu():
+    assert kconfig.select_config("forward", torch.float32, 4096, 128256, None) == kconfig.FP32_CONFIG
+    for dtype in (torch.bfloat16, torch.float16):
+        for kernel in kconfig.KERNELS:
+            assert kconfig.select_config(kernel, dtype, 4096, 128256, None) == kconfig.HALF_CONFIG
+
+
+def test_shipped_table_parses():
+    table = kconfig.tuned_configs(str(kconfig.TUNED_TABLE))
+    for (kernel, arch, dtype, hidden_bucket, vocab_bucket), config in table.items():
+        assert kernel in kconfig.KERNELS and arch.startswith("sm_") and dtype in ("float32", "bfloat16", "float16")
+        assert hidden_bucket in kconfig.HIDDEN_BUCKETS and vocab_bucket in kconfig.VOCAB_BUCKETS
+        assert isinstance(config, BlockConfig)
+
+
+@pytest.mark.parametrize(
+    ("hidden", "vocab", "arch", "dtype", "tuned"),
+    [
+        (4096, 128256, "sm_90", torch.bfloat16, True),
+        (2049, 151936, "sm_90", torch.bfloat16, True),  # same buckets: 2049..4096, 65537..163840
+        (2048, 128256, "sm_90", torch.bfloat16, False),  # D bucket below
+        (4096, 256000, "sm_90", torch.bfloat16, False),  # V bucket above
+        (4096, 128256, "sm_80", torch.bfloat16, False),  # another GPU
+        (4096, 128256, "sm_90", torch.float16, False),  # another dtype
+        (4096, 128256, None, torch.bfloat16, False),  # no GPU: the defaults
+    ],
+)
+def test_table_lookup_by_bucket(tmp_path, monkeypatch, hidden, vocab, arch, dtype, tuned):
+    monkeypatch.setenv(kconfig.TUNED_TABLE_ENV, write_table(tmp_path / "t.json", [entry()]))
+    expected = TUNED if tuned else kconfig.HALF_CONFIG
+    assert kconfig.select_config("forward", dtype, hidden, vocab, arch) == expected
+    assert kconfig.select_config("backward", dtype, hidden, vocab, arch) == kconfig.HALF_CONFIG
+
+
+def test_table_with_unknown_kernel_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(kconfig.TUNED_TABLE_ENV, write_table(tmp_path / "t.json", [entry(kernel="fwd")]))
+    with pytest.raises(ValueError, match="unknown kernel 'fwd'"):
+        kconfig.select_config("forward", torch.bfloat16, 4096, 128256, "sm_90")
+
+
+def test_launchers_take_each_kernels_config_from_the_table(tmp_path, monkeypatch):
+    """With a table entry for this 'GPU', each launcher launches with it, and the results do not change."""
+    from halo_ops.kernels import linear_logprobs_bwd, linear_logprobs_fwd
+
+    if not (kconfig.interpreting() or torch.cuda.is_available()):
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 24, generator=gen).to(device)
+    weight = torch.randn(70, 24, generator=gen).to(device)
+    targets = torch.randint(0, 70, (40,), generator=gen).to(device)
+    grad = torch.randn(40, generator=gen).to(device)
+    kw = {"logit_scale": 1.0, "softcap": None, "temperature": 1.0}
+
+    def run():
+        logps, lse, _, _ = linear_logprobs_forward(hidden, weight, None, targets, ignore_index=-100,
+                                                   with_stats=False, **kw)
+        atomic = linear_logprobs_backward(hidden, weight, None, targets, lse, grad, needs=(True, True, False), **kw)
+        owned = linear_logprobs_backward(hidden, weight, None, targets, lse, grad, needs=(True, True, False),
+                                         deterministic=True, **kw)
+        return logps, *atomic[:2], *owned[:2]
+
+    expected = run()
+    dh_config = BlockConfig(block_n=32, block_v=16, block_d=16, num_warps=2, num_stages=1)
+    table = [entry(kernel=k, arch="sm_test", dtype="float32", hidden_bucket=1024, vocab_bucket=65536,
+                   config=dh_config if k == "backward_dh" else TUNED) for k in kconfig.KERNELS]
+    monkeypatch.setenv(kconfig.TUNED_TABLE_ENV, write_table(tmp_path / "t.json", table))
+    launched = []
+    for module in (linear_logprobs_fwd, linear_logprobs_bwd):
+        monkeypatch.setattr(module, "device_arch", lambda _device: "sm_test")
+        real = module.launch_options
+        monkeypatch.setattr(module, "launch_options", lambda cfg, real=real: launched.append(cfg) or real(cfg))
+    got = run()
+    assert launched == [TUNED, TUNED, dh_config, TUNED]  # forward, backward, backward_dh, backward_dw
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("precision", "expected"), [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_float32_dots_follow_torch_matmul_precision(precision, expected):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        assert kconfig.dot_options(torch.float32)["INPUT_PRECISION"] == expected
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+# --- the autotuner ---------------------------------------------------------------------------------
+
+
+def fake_timer(fastest: BlockConfig):
+    """Times from the config alone, so the winner is known: ``fastest`` takes 1 ms, the rest 2 ms."""
+
+    def timer(call, device, repeats):
+        return 1e-3 if call.config == fastest else 2e-3
+
+    return timer
+
+
+@pytest.fixture
+def autotune(monkeypatch):
+    from bench import autotune
+
+    real = autotune.kernel_call
+
+    def tagged(kernel, hidden, weight, targets, config):
+        call = real(kernel, hidden, weight, targets, config)
+        call.config = config
+        return call
+
+    monkeypatch.setattr(autotune, "kernel_call", tagged)
+    return autotune
+
+
+@pytest.mark.parametrize("kernel", list(kconfig.KERNELS))
+def test_autotune_checks_and_times_every_candidate(autotune, kernel):
+    from bench.measure import Shape
+
+    if not (kconfig.interpreting() or torch.cuda.is_available()):
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    shape = Shape(tokens=48, hidden=24, vocab=100, dtype=torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    broken = BlockConfig(block_n=16, block_v=32, block_d=12)  # not a power of two: tl.arange refuses it
+    rows = autotune.tune(kernel, shape, device, [TUNED, broken], timer=fake_timer(TUNED))
+    assert [r["config"] for r in rows] == [kconfig.FP32_CONFIG, TUNED, broken]
+    assert rows[0]["default"] and rows[0]["error"] < autotune.TOLERANCE[torch.float32]
+    assert rows[1]["ms"] == 1.0 and rows[1]["error"] < autotune.TOLERANCE[torch.float32]
+    assert rows[2]["ms"] is None and "failure" in rows[2]
+    assert autotune.best(rows, min_gain=0.03)["config"] == TUNED
+    assert autotune.best(rows, min_gain=0.6) is None  # 2 ms → 1 ms is a 50% gain
+
+
+def test_autotune_writes_a_table_the_launchers_read(autotune, tmp_path, monkeypatch):
+    if not (kconfig.interpreting() or torch.cuda.is_available()):
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setattr(autotune, "median_seconds", fake_timer(TUNED))
+    autotune.main(["--device", "cuda" if torch.cuda.is_available() else "cpu", "--tokens", "48", "--hidden", "24",
+                   "--vocab", "100", "--dtype", "fp32", "--kernels", "forward,backward", "--arch", "sm_test",
+                   "--candidates", "16,32,16,1,1", "--out", str(tmp_path)])
+    table = json.loads((tmp_path / "tuned_configs.json").read_text())
+    assert [(e["kernel"], e["arch"], e["dtype"]) for e in table["entries"]] == [
+        ("forward", "sm_test", "float32"), ("backward", "sm_test", "float32")]
+    assert "| forward | 48 | 24 | 100 | float32 | 16 | 32 | 16 | 1 | 1 | 1.000 |" in (tmp_path / "autotune.md").read_text()
+    monkeypatch.setenv(kconfig.TUNED_TABLE_ENV, str(tmp_path / "tuned_configs.json"))
+    assert kconfig.select_config("forward", torch.float32, 24, 100, "sm_test") == TUNED
+    assert kconfig.select_config("backward_dh", torch.float32, 24, 100, "sm_test") == kconfig.FP32_CONFIG
+
+
+# --- cross-compilation for real GPUs ---------------------------------------------------------------
+
+
+def test_every_specialization_builds_for_ampere_ada_and_hopper(tmp_path):
+    """Each kernel specialization the ops launch compiles for sm_80, sm_89 and sm_90 with no register
+    spills, within the architecture's shared memory, and on tensor cores for half precision (wgmma on
+    Hopper). Runs in a process of its own: the kernels must be compiled, not interpreted."""
+    pytest.importorskip("triton")
+    from bench.cross_compile import _cuobjdump
+
+    if not os.path.exists(_cuobjdump()):
+        pytest.skip("this Triton install has no NVIDIA toolchain (cuobjdump)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-m", "bench.cross_compile", "--arch", "80,89,90", "--out",
+                             str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "cross-compile.json").read_text())
+    built = {(r["arch"], r["kernel"]) for r in rows}
+    for arch in ("sm_80", "sm_89", "sm_90"):
+        for kernel in ("linear_logprobs_fwd_kernel", "linear_logprobs_bwd_kernel", "linear_logprobs_bwd_dh_kernel",
+                       "linear_logprobs_bwd_dw_kernel", "kto_sequence_kernel"):
+            assert (arch, kernel) in built
+    hopper_half = [r for r in rows if r["arch"] == "sm_90" and r["case"].startswith(("bfloat16", "float16"))
+                   and r["kernel"].startswith("linear_logprobs")]
+    assert hopper_half and all(r["matrix"] == "wgmma" for r in hopper_half)
+    assert all(r["spill_bytes"] == 0 and r["fits"] for r in rows)
