@@ -247,7 +247,11 @@ def main(argv=None) -> int:
     rows = []
     for arch in (int(a) for a in args.arch.split(",")):
         rows += build(cases, arch)
-    text = f"Built with triton {triton.__version__}, torch {torch.__version__}, no GPU needed.\n\n" + markdown(rows)
+    from .report import environment
+
+    date = environment(torch.device("cpu"))["date"]
+    text = (f"Built {date} with triton {triton.__version__} and torch {torch.__version__}, on a machine without a "
+            f"GPU (`python -m bench.cross_compile --arch {args.arch}`).\n\n" + markdown(rows))
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

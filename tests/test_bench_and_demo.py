@@ -28,3 +28,13 @@ def test_demo_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "memory: halo-ops uses" in out and "train seconds" in out
     assert (tmp_path / "kto_demo.png").exists()
+
+
+def test_floor_counts_gemms_at_the_measured_rate(tmp_path, capsys):
+    from bench import floor
+
+    (row,) = floor.floor_rows(100.0, [(1000, 2000, 5000)])  # 2·10¹⁰ flops at 100 TFLOP/s: 0.2 ms
+    assert row["gemm_ms"] == pytest.approx(0.2) and row["fwd_bwd_floor_ms"] == pytest.approx(0.8)
+    floor.main(["--gemm", "64,32,64", "--shapes", "128,16,300", "--out", str(tmp_path)])
+    text = (tmp_path / "floor.md").read_text()
+    assert "TFLOP/s" in text and "| 128 | 16 | 300 |" in text
