@@ -10,6 +10,7 @@ tensors. Each specialization the ops produce is therefore built exactly as a GPU
 - registers per thread and spill bytes (``LOCAL``), which the interpreter cannot show;
 - shared memory per program, against the architecture's per-block limit (a launch above it fails);
 - the matrix instructions used: ``wgmma`` (Hopper tensor cores), ``mma`` (Ampere-style), or none;
+- the global atomics used: ``red`` (relaxed, fire-and-forget) or ``atom`` (ordered, waits for a result);
 - programs per SM from registers, shared memory and warps, the occupancy bound.
 
 It runs without TRITON_INTERPRET (kernels must be compiled, not interpreted, in this process).
@@ -164,6 +165,8 @@ def resource_usage(compiled, arch: int) -> dict:
     usage = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", dump)}
     ptx = compiled.asm["ptx"]
     matrix = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "none"
+    # red: fire-and-forget reductions (relaxed); atom: read-modify-write that waits for its result
+    atomics = "atom" if re.search(r"\batom\.global", ptx) else "red" if re.search(r"\bred\.global", ptx) else "none"
     warps, shared = compiled.metadata.num_warps, compiled.metadata.shared
     limits = ARCH_LIMITS[arch]
     registers_per_program = math.ceil(usage["reg"] * 32 / 256) * 256 * warps  # allocated per warp in 256s
@@ -179,6 +182,7 @@ def resource_usage(compiled, arch: int) -> dict:
         "shared_bytes": shared,
         "fits": shared <= limits["max_shared_per_block"],
         "matrix": matrix,
+        "atomics": atomics,
         "warps": warps,
         "stages": compiled.metadata.num_stages,
         "programs_per_sm": programs_per_sm,
@@ -203,7 +207,7 @@ def build(cases: list[Case], arch: int) -> list[dict]:
 
 def problems(rows: list[dict], *, tensor_cores: bool = True) -> list[str]:
     """What would go wrong on the GPU: spills, shared memory over the limit, half-precision GEMMs
-    without matrix instructions."""
+    without matrix instructions, accumulations through ordered atomics."""
     found = []
     for row in rows:
         where = f"{row['arch']} {row['case']}: {row['kernel']}"
@@ -214,12 +218,14 @@ def problems(rows: list[dict], *, tensor_cores: bool = True) -> list[str]:
         half = not row["case"].startswith("float32") or "TF32" in row["case"]
         if tensor_cores and half and row["kernel"].startswith("linear_logprobs") and row["matrix"] == "none":
             found.append(f"{where} uses no tensor-core instructions")
+        if row["atomics"] == "atom":
+            found.append(f"{where} uses ordered atomics (atom.global): accumulations need only relaxed ones")
     return found
 
 
 def markdown(rows: list[dict]) -> str:
-    columns = ["arch", "case", "kernel", "registers", "spill_bytes", "shared_bytes", "matrix", "warps", "stages",
-               "programs_per_sm"]
+    columns = ["arch", "case", "kernel", "registers", "spill_bytes", "shared_bytes", "matrix", "atomics", "warps",
+               "stages", "programs_per_sm"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"

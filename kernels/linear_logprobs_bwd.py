@@ -70,7 +70,7 @@ def add_dh_tile(dh_ptr, w_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_wv, stride
         p_dh = dh_ptr + o_n[:, None].to(tl.int64) * D + o_d[None, :]
         m_dh = m_n[:, None] & m_d[None, :]
         if ATOMIC:
-            tl.atomic_add(p_dh, b_dh, mask=m_dh)
+            tl.atomic_add(p_dh, b_dh, mask=m_dh, sem="relaxed")
         else:
             tl.store(p_dh, tl.load(p_dh, mask=m_dh, other=0.0) + b_dh, mask=m_dh)
 
@@ -90,7 +90,7 @@ def add_dw_tile(dw_ptr, h_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_hn, stride
         p_dw = dw_ptr + o_v[:, None].to(tl.int64) * D + o_d[None, :]
         m_dw = m_v[:, None] & m_d[None, :]
         if ATOMIC:
-            tl.atomic_add(p_dw, b_dw, mask=m_dw)
+            tl.atomic_add(p_dw, b_dw, mask=m_dw, sem="relaxed")
         else:
             tl.store(p_dw, tl.load(p_dw, mask=m_dw, other=0.0) + b_dw, mask=m_dw)
 
@@ -123,7 +123,7 @@ def linear_logprobs_bwd_kernel(
         )
         if tile_has_gradient(b_dz):
             if COMPUTE_DB:
-                tl.atomic_add(db_ptr + o_v, tl.sum(b_dz, axis=0), mask=m_v)
+                tl.atomic_add(db_ptr + o_v, tl.sum(b_dz, axis=0), mask=m_v, sem="relaxed")
             # The GEMMs take dL/dy in the inputs' dtype (tensor cores), accumulating in fp32.
             b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
             if UPCAST_BF16:

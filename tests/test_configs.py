@@ -183,8 +183,9 @@ def test_autotune_writes_a_table_the_launchers_read(autotune, tmp_path, monkeypa
 
 def test_every_specialization_builds_for_ampere_ada_and_hopper(tmp_path):
     """Each kernel specialization the ops launch compiles for sm_80, sm_89 and sm_90 with no register
-    spills, within the architecture's shared memory, and on tensor cores for half precision (wgmma on
-    Hopper). Runs in a process of its own: the kernels must be compiled, not interpreted."""
+    spills, within the architecture's shared memory, on tensor cores for half precision (wgmma on
+    Hopper), and accumulates through relaxed reductions. Runs in a process of its own: the kernels
+    must be compiled, not interpreted."""
     pytest.importorskip("triton")
     from bench.cross_compile import _cuobjdump
 
@@ -205,3 +206,5 @@ def test_every_specialization_builds_for_ampere_ada_and_hopper(tmp_path):
                    and r["kernel"].startswith("linear_logprobs")]
     assert hopper_half and all(r["matrix"] == "wgmma" for r in hopper_half)
     assert all(r["spill_bytes"] == 0 and r["fits"] for r in rows)
+    atomic = [r for r in rows if r["kernel"] == "linear_logprobs_bwd_kernel"]
+    assert atomic and all(r["atomics"] == "red" for r in atomic)  # relaxed reductions, no acq_rel round trips
