@@ -207,6 +207,19 @@ def linear_logprobs_bwd_dw_kernel(
         tl.store(db_ptr + o_v, b_db, mask=m_v)
 
 
+# fp32 dW accumulator per vocabulary slice when the weight is bf16/fp16: the backward runs slice by
+# slice and casts each into the output, so no fp32 [V, D] copy of dW exists (2 GiB at V=128256, D=4096).
+ACCUMULATOR_BYTES = 2**28
+
+
+def vocab_slice_rows(vocab: int, dim: int, weight_dtype: torch.dtype) -> int:
+    """Rows per vocabulary slice: all of them for fp32 weights (dW accumulates in place), else as many
+    as ACCUMULATOR_BYTES of fp32 holds, in multiples of 256 (every BLOCK_V divides it)."""
+    if weight_dtype == torch.float32:
+        return vocab
+    return min(vocab, max(256, ACCUMULATOR_BYTES // (4 * dim) // 256 * 256))
+
+
 def linear_logprobs_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -226,6 +239,8 @@ def linear_logprobs_backward(
     """Gradients of Σ_t grad_logps[t] · logps[t] for (hidden, weight, bias), None where not needed.
 
     grad_logps [N] fp32 is 0 at ignored targets. Accumulates in fp32 and returns the inputs' dtypes.
+    dW is computed one vocabulary slice at a time (``vocab_slice_rows``), each slice accumulated in
+    fp32 and cast into the output, so the extra memory is fp32 dH [N, D] plus one slice.
     ``deterministic``: instead of one tile-parallel pass with fp32 atomics (three GEMMs' work, sums in
     a run-dependent order), two owner-computes passes, one for dH and one for dW and db, that write
     each row in a fixed order (four GEMMs' work: the logits are recomputed once more).
@@ -238,32 +253,48 @@ def linear_logprobs_backward(
     needs_h, needs_w, needs_b = needs
     needs_b = needs_b and bias is not None
     f32 = {"dtype": torch.float32, "device": hidden.device}
+    rows = vocab_slice_rows(vocab, dim, weight.dtype) if needs_w else vocab
+    sliced = rows < vocab
     grad_h = torch.zeros((n_tokens, dim), **f32) if needs_h else None
-    grad_w = torch.zeros((vocab, dim), **f32) if needs_w else None
     grad_b = torch.zeros((vocab,), **f32) if needs_b else None
+    grad_w = None
+    if needs_w:
+        if not sliced:
+            grad_w = torch.zeros((vocab, dim), **f32)
+        else:  # every slice is written below, or zeros when there is nothing to add
+            grad_w = (torch.empty if n_tokens else torch.zeros)((vocab, dim), dtype=weight.dtype, device=weight.device)
     if n_tokens > 0 and (needs_h or needs_w or needs_b):
         arch = device_arch(hidden.device)
 
-        def launch(kernel, name, grid_axes, *outputs, **flags):
+        def launch(kernel, name, grid_axes, v0, v1, *outputs, **flags):
+            """``kernel`` over vocabulary rows [v0, v1): W, b and the targets are taken relative to v0."""
             cfg = config or select_config(name, hidden.dtype, dim, vocab, arch)
-            blocks = {"tokens": triton.cdiv(n_tokens, cfg.block_n), "vocab": triton.cdiv(vocab, cfg.block_v)}
+            blocks = {"tokens": triton.cdiv(n_tokens, cfg.block_n), "vocab": triton.cdiv(v1 - v0, cfg.block_v)}
             kernel[tuple(blocks[axis] for axis in grid_axes)](
-                hidden, weight, bias, targets, lse, grad_logps, *outputs,
-                n_tokens, vocab, dim, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                hidden, weight[v0:v1], None if bias is None else bias[v0:v1], targets - v0 if v0 else targets,
+                lse, grad_logps, *outputs,
+                n_tokens, v1 - v0, dim, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 temperature=float(temperature), filter_eps=float(grad_filter_eps), HAS_FILTER=grad_filter_eps > 0,
                 **transform_args(logit_scale, softcap, temperature),
                 **dot_options(hidden.dtype), **launch_options(cfg), **flags,
             )
 
-        if deterministic:
-            if needs_h:
-                launch(linear_logprobs_bwd_dh_kernel, "backward_dh", ("tokens",), grad_h)
-            if needs_w or needs_b:
-                launch(linear_logprobs_bwd_dw_kernel, "backward_dw", ("vocab",), grad_w, grad_b,
+        if deterministic and needs_h:  # owns whole token rows: walks the full vocabulary in one launch
+            launch(linear_logprobs_bwd_dh_kernel, "backward_dh", ("tokens",), 0, vocab, grad_h)
+        # the vocabulary slices: dW and db (and dH, in the tile-parallel pass)
+        slices = range(0, vocab, rows) if needs_w or needs_b or not deterministic else ()
+        for v0 in slices:
+            v1 = min(v0 + rows, vocab)
+            dw = (torch.zeros((v1 - v0, dim), **f32) if sliced else grad_w[v0:v1]) if needs_w else None
+            db = grad_b[v0:v1] if needs_b else None
+            if deterministic:
+                launch(linear_logprobs_bwd_dw_kernel, "backward_dw", ("vocab",), v0, v1, dw, db,
                        COMPUTE_DW=needs_w, COMPUTE_DB=needs_b)
-        else:
-            launch(linear_logprobs_bwd_kernel, "backward", ("tokens", "vocab"), grad_h, grad_w, grad_b,
-                   COMPUTE_DH=needs_h, COMPUTE_DW=needs_w, COMPUTE_DB=needs_b)
+            else:
+                launch(linear_logprobs_bwd_kernel, "backward", ("tokens", "vocab"), v0, v1, grad_h, dw, db,
+                       COMPUTE_DH=needs_h, COMPUTE_DW=needs_w, COMPUTE_DB=needs_b)
+            if sliced:
+                grad_w[v0:v1].copy_(dw)
 
     def cast(grad, like):
         return None if grad is None else grad.to(like.dtype)
