@@ -50,9 +50,14 @@ def dlogits_tile(
 
 
 @triton.jit
-def tile_has_gradient(b_dz):
-    """False when the tile contributes nothing (every entry 0, e.g. filtered): its GEMMs are skipped."""
-    return tl.max(tl.max(tl.abs(b_dz), axis=1), axis=0) > 0.0
+def tile_has_gradient(b_dz, HAS_FILTER: tl.constexpr):
+    """False when a filtered tile contributes nothing (every entry 0): its GEMMs are skipped. Without
+    filtering a tile is all zero only if every p underflows, so the check would not pay for its
+    tile-wide reduction and barrier; such a tile just adds zeros."""
+    if HAS_FILTER:
+        return tl.max(tl.max(tl.abs(b_dz), axis=1), axis=0) > 0.0
+    else:
+        return True
 
 
 @triton.jit
@@ -121,7 +126,7 @@ def linear_logprobs_bwd_kernel(
             stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
             filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
-        if tile_has_gradient(b_dz):
+        if tile_has_gradient(b_dz, HAS_FILTER):
             if COMPUTE_DB:
                 tl.atomic_add(db_ptr + o_v, tl.sum(b_dz, axis=0), mask=m_v, sem="relaxed")
             # The GEMMs take dL/dy in the inputs' dtype (tensor cores), accumulating in fp32.
@@ -160,7 +165,7 @@ def linear_logprobs_bwd_dh_kernel(
                 filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V,
                 BLOCK_D,
             )
-            if tile_has_gradient(b_dz):
+            if tile_has_gradient(b_dz, HAS_FILTER):
                 b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
                 if UPCAST_BF16:
                     b_dz_in = b_dz_in.to(tl.float32)
@@ -197,7 +202,7 @@ def linear_logprobs_bwd_dw_kernel(
             )
             b_db += tl.sum(b_dz, axis=0)
             if COMPUTE_DW:
-                if tile_has_gradient(b_dz):
+                if tile_has_gradient(b_dz, HAS_FILTER):
                     b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
                     if UPCAST_BF16:
                         b_dz_in = b_dz_in.to(tl.float32)
