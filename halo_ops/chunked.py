@@ -9,7 +9,8 @@ relative to the running max ``m``:
 
 Backward recomputes each tile and forms ``dL/dz = g · (onehot(y) − exp(z − lse))`` in place, then
 ``dH += dL/dy · W``, ``dW += dL/dyᵀ · H``, ``db += Σ dL/dy`` with fp32 (fp64 for fp64 inputs)
-accumulators. Extra memory is a few tiles plus O(N), never O(N · V). On CPU only rows whose
+accumulators; a half-precision dW is built one vocabulary slice at a time. Extra memory is a few
+tiles plus O(N) (plus, for half precision, fp32 dH and one dW slice), never O(N · V). On CPU only rows whose
 target is not ignored (forward) and whose upstream gradient is non-zero (backward) are visited;
 on other devices all rows are, to avoid a host sync.
 """
@@ -23,6 +24,8 @@ from .transform import LogitTransform
 # Logits per tile: a tile and its temporaries are a few times 4 · TILE_ELEMENTS bytes.
 TILE_ELEMENTS = 1 << 20
 TOKEN_CHUNK = 256
+# fp32 dW accumulator per vocabulary slice for a bf16/fp16 weight (the kernels use the same budget)
+ACCUMULATOR_BYTES = 1 << 28
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -121,6 +124,14 @@ def chunked_forward(
     return logps, lse, entropy, mean_logit
 
 
+def _weight_slice_rows(vocab: int, dim: int, vocab_chunk: int, weight_dtype: torch.dtype) -> int:
+    """Vocabulary rows per dW slice: all of them when dW accumulates in the weight's own dtype (fp32,
+    fp64), else as many as ``ACCUMULATOR_BYTES`` of fp32 hold, in whole vocabulary chunks."""
+    if accumulation_dtype(weight_dtype) == weight_dtype:
+        return vocab
+    return min(vocab, max(1, ACCUMULATOR_BYTES // (4 * dim * vocab_chunk)) * vocab_chunk)
+
+
 def chunked_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -138,55 +149,65 @@ def chunked_backward(
     do); on CPU a tile left all zero skips its GEMMs.
 
     ``grad_logps [N]`` must be 0 at ignored positions; rows with a zero coefficient are skipped.
-    Gradients are accumulated in fp32 (fp64 for fp64 inputs) and returned in the inputs' dtypes.
+    Gradients are accumulated in fp32 (fp64 for fp64 inputs) and returned in the inputs' dtypes; a
+    bf16/fp16 dW is accumulated one vocabulary slice at a time and cast into the output, so no fp32
+    copy of the whole [V, D] gradient exists.
     """
     needs_h, needs_w, needs_b = needs
-    vocab = weight.shape[0]
+    vocab, dim = weight.shape
     acc = accumulation_dtype(hidden.dtype)
+    token_chunk, vocab_chunk = _tile_shape(vocab)
+    slice_rows = _weight_slice_rows(vocab, dim, vocab_chunk, weight.dtype) if needs_w else vocab
+    sliced = slice_rows < vocab
     grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if needs_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_w else None
+    grad_w = torch.zeros(weight.shape, dtype=weight.dtype if sliced else acc, device=weight.device) if needs_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if needs_b and bias is not None else None
     rows = _active_rows(grad_logps != 0)
     if rows is None:
         h_all, t_all, g_all, lse_all = hidden, targets, grad_logps, lse
     else:
         h_all, t_all, g_all, lse_all = hidden[rows], targets[rows], grad_logps[rows], lse[rows]
-    token_chunk, vocab_chunk = _tile_shape(vocab)
 
-    for t0 in range(0, h_all.shape[0], token_chunk):
-        h_c = h_all[t0 : t0 + token_chunk].to(acc)
-        t_c = t_all[t0 : t0 + token_chunk]
-        g_c = g_all[t0 : t0 + token_chunk].to(acc)
-        lse_c = lse_all[t0 : t0 + token_chunk].to(acc)
-        n = h_c.shape[0]
-        gh_c = torch.zeros(n, hidden.shape[1], dtype=acc, device=hidden.device) if needs_h else None
-        arange = torch.arange(n, device=hidden.device)
-        for v0 in range(0, vocab, vocab_chunk):
-            v1 = min(v0 + vocab_chunk, vocab)
-            z, w_c = _project(h_c, weight[v0:v1], None if bias is None else bias[v0:v1], transform)
-            # dL/dz = g · (onehot − p): p in place, unless softcap's derivative still needs z
-            dz = torch.sub(z, lse_c.unsqueeze(1)) if transform.softcap is not None else z.sub_(lse_c.unsqueeze(1))
-            dz.exp_()  # p
-            if grad_filter_eps > 0:
-                dz.masked_fill_(dz < grad_filter_eps, 0.0)
-            dz.mul_(-g_c.unsqueeze(1))
-            local = t_c - v0
-            in_tile = ((local >= 0) & (local < v1 - v0)).nonzero().squeeze(1)
-            dz.index_put_((arange[in_tile], local[in_tile]), g_c[in_tile], accumulate=True)
-            dy = transform.grad_from_logits_(dz, z)
-            if grad_filter_eps > 0 and dy.device.type == "cpu" and not bool(dy.any()):
-                continue  # no target here and every p below eps: nothing to add
+    for s0 in range(0, vocab, slice_rows):
+        s1 = min(s0 + slice_rows, vocab)
+        gw_s = (torch.zeros((s1 - s0, dim), dtype=acc, device=weight.device) if sliced else grad_w[s0:s1]) \
+            if needs_w else None
+        for t0 in range(0, h_all.shape[0], token_chunk):
+            h_c = h_all[t0 : t0 + token_chunk].to(acc)
+            t_c = t_all[t0 : t0 + token_chunk]
+            g_c = g_all[t0 : t0 + token_chunk].to(acc)
+            lse_c = lse_all[t0 : t0 + token_chunk].to(acc)
+            n = h_c.shape[0]
+            gh_c = torch.zeros(n, dim, dtype=acc, device=hidden.device) if needs_h else None
+            arange = torch.arange(n, device=hidden.device)
+            for v0 in range(s0, s1, vocab_chunk):
+                v1 = min(v0 + vocab_chunk, s1)
+                z, w_c = _project(h_c, weight[v0:v1], None if bias is None else bias[v0:v1], transform)
+                # dL/dz = g · (onehot − p): p in place, unless softcap's derivative still needs z
+                dz = torch.sub(z, lse_c.unsqueeze(1)) if transform.softcap is not None else z.sub_(lse_c.unsqueeze(1))
+                dz.exp_()  # p
+                if grad_filter_eps > 0:
+                    dz.masked_fill_(dz < grad_filter_eps, 0.0)
+                dz.mul_(-g_c.unsqueeze(1))
+                local = t_c - v0
+                in_tile = ((local >= 0) & (local < v1 - v0)).nonzero().squeeze(1)
+                dz.index_put_((arange[in_tile], local[in_tile]), g_c[in_tile], accumulate=True)
+                dy = transform.grad_from_logits_(dz, z)
+                if grad_filter_eps > 0 and dy.device.type == "cpu" and not bool(dy.any()):
+                    continue  # no target here and every p below eps: nothing to add
+                if gh_c is not None:
+                    gh_c.addmm_(dy, w_c)
+                if gw_s is not None:
+                    gw_s[v0 - s0 : v1 - s0].addmm_(dy.t(), h_c)
+                if grad_b is not None:
+                    grad_b[v0:v1] += dy.sum(0)
             if gh_c is not None:
-                gh_c.addmm_(dy, w_c)
-            if grad_w is not None:
-                grad_w[v0:v1].addmm_(dy.t(), h_c)
-            if grad_b is not None:
-                grad_b[v0:v1] += dy.sum(0)
-        if gh_c is not None:
-            if rows is None:
-                grad_h[t0 : t0 + n] = gh_c
-            else:
-                grad_h[rows[t0 : t0 + n]] = gh_c
+                if rows is None:
+                    grad_h[t0 : t0 + n] += gh_c
+                else:
+                    grad_h.index_add_(0, rows[t0 : t0 + n], gh_c)
+        if sliced:
+            grad_w[s0:s1] = gw_s
 
     def cast(grad, like):
         return None if grad is None else grad.to(like.dtype)
