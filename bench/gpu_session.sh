@@ -49,7 +49,7 @@ run_bench() {  # $1: token list, $2: vocabulary list
         --seq 1024 --providers halo-ops --grad-filter-eps 0.000244140625 --out "$WORK" --name kto-step-gpu-filter \
         2>&1 | tail -3
     python3 -m bench --tokens 16384 --hidden 4096 --vocab 128256 --cases forward+backward \
-        --providers halo-ops,halo-ops[deterministic] --out "$WORK" --name deterministic-gpu 2>&1 | tail -3
+        --providers "halo-ops,halo-ops[deterministic]" --out "$WORK" --name deterministic-gpu 2>&1 | tail -3
     HALO_BENCH_TOKENS=16384 HALO_BENCH_VOCAB=128256 HALO_BENCH_HIDDEN=4096 \
         python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider --benchmark-json "$WORK/gpu-benchmark.json" \
         2>&1 | tail -40 > "$WORK/gpu-benchmark.txt"
