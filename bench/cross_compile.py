@@ -1,15 +1,16 @@
 """``python -m bench.cross_compile``: build every kernel specialization for an NVIDIA GPU, on any machine.
 
 Triton compiles for a target without a GPU present: only the launch needs the driver. This module
-stands in a driver that names a target (``sm_90`` for H100/H200, ``sm_80`` for A100, ``sm_89`` for
-L4/L40S/RTX 4090) and turns every launch into a compile, then runs the real launchers with small CPU
+stands in a driver that names a target (``sm_100`` for B200, ``sm_90`` for H100/H200, ``sm_80`` for
+A100, ``sm_89`` for L4/L40S/RTX 4090) and turns every launch into a compile, then runs the real launchers with small CPU
 tensors. Each specialization the ops produce is therefore built exactly as a GPU run would build it
 (same arguments, same constexprs, same warps and stages), and its cubin is read back with the
 ``cuobjdump`` that ships with Triton:
 
 - registers per thread and spill bytes (``LOCAL``), which the interpreter cannot show;
 - shared memory per program, against the architecture's per-block limit (a launch above it fails);
-- the matrix instructions used: ``wgmma`` (Hopper tensor cores), ``mma`` (Ampere-style), or none;
+- the matrix instructions used: ``tcgen05`` (Blackwell), ``wgmma`` (Hopper), ``mma`` (Ampere-style),
+  or none;
 - the global atomics used: ``red`` (relaxed, fire-and-forget) or ``atom`` (ordered, waits for a result);
 - programs per SM from registers, shared memory and warps, the occupancy bound.
 
@@ -38,6 +39,7 @@ ARCH_LIMITS = {
     86: {"max_shared_per_block": 101376, "shared_per_sm": 102400, "warps_per_sm": 48},
     89: {"max_shared_per_block": 101376, "shared_per_sm": 102400, "warps_per_sm": 48},
     90: {"max_shared_per_block": 232448, "shared_per_sm": 233472, "warps_per_sm": 64},
+    100: {"max_shared_per_block": 232448, "shared_per_sm": 233472, "warps_per_sm": 64},
 }
 REGISTERS_PER_SM = 65536
 MAX_PROGRAMS_PER_SM = 32
@@ -67,7 +69,7 @@ def compiling_for(arch: int):
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    from halo_ops.kernels import interpreting, linear_logprobs_fwd
+    from halo_ops.kernels import interpreting, linear_logprobs_bwd, linear_logprobs_fwd
 
     if interpreting() or not isinstance(linear_logprobs_fwd.linear_logprobs_fwd_kernel.fn, JITFunction):
         raise RuntimeError("cross-compiling needs compiled kernels: run it in a process without TRITON_INTERPRET=1")
@@ -80,11 +82,17 @@ def compiling_for(arch: int):
         return compiled
 
     previous = driver._active
+    launchers = (linear_logprobs_fwd, linear_logprobs_bwd)
+    real_arch = [module.device_arch for module in launchers]
     driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run = compile_only
+    for module in launchers:  # the launchers pick their configs for the target, not for the CPU tensors
+        module.device_arch = lambda _device: f"sm_{arch}"
     try:
         yield launches
     finally:
+        for module, real in zip(launchers, real_arch):
+            module.device_arch = real
         JITFunction.run = real_run
         driver.set_active(previous)
 
@@ -164,7 +172,8 @@ def resource_usage(compiled, arch: int) -> dict:
                               check=True).stdout
     usage = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", dump)}
     ptx = compiled.asm["ptx"]
-    matrix = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "none"
+    matrix = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx
+              else "mma" if re.search(r"\bmma\.sync", ptx) else "none")
     # red: fire-and-forget reductions (relaxed); atom: read-modify-write that waits for its result
     atomics = "atom" if re.search(r"\batom\.global", ptx) else "red" if re.search(r"\bred\.global", ptx) else "none"
     warps, shared = compiled.metadata.num_warps, compiled.metadata.shared
@@ -234,7 +243,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cross_compile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="80,89,90", help=f"comma list of {', '.join(map(str, ARCH_LIMITS))}")
+    parser.add_argument("--arch", default="80,89,90,100", help=f"comma list of {', '.join(map(str, ARCH_LIMITS))}")
     parser.add_argument("--dtype", default=None, help="only the cases of this dtype (bfloat16, float16, float32)")
     parser.add_argument("--config", default=None,
                         help="BLOCK_N,BLOCK_V,BLOCK_D,warps,stages for every launch (default: the launchers' own)")

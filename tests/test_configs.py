@@ -29,11 +29,15 @@ def entry(kernel="forward", arch="sm_90", dtype="bfloat16", hidden_bucket=4096, 
             "vocab_bucket": vocab_bucket, "config": asdict(config)}
 
 
-def test_defaults_per_dtype_without_a_gpu():
+def test_defaults_per_dtype_and_architecture():
     assert kconfig.select_config("forward", torch.float32, 4096, 128256, None) == kconfig.FP32_CONFIG
     for dtype in (torch.bfloat16, torch.float16):
         for kernel in kconfig.KERNELS:
             assert kconfig.select_config(kernel, dtype, 4096, 128256, None) == kconfig.HALF_CONFIG
+            assert kconfig.select_config(kernel, dtype, 4096, 128256, "sm_90") == kconfig.HALF_CONFIG
+        on_blackwell = kconfig.select_config("backward_dw", dtype, 4096, 128256, "sm_100")
+        assert on_blackwell == kconfig.HALF_ARCH_CONFIGS[("backward_dw", "sm_100")] != kconfig.HALF_CONFIG
+    assert kconfig.select_config("backward_dw", torch.float32, 4096, 128256, "sm_100") == kconfig.FP32_CONFIG
 
 
 def test_shipped_table_parses():
@@ -181,10 +185,10 @@ def test_autotune_writes_a_table_the_launchers_read(autotune, tmp_path, monkeypa
 # --- cross-compilation for real GPUs ---------------------------------------------------------------
 
 
-def test_every_specialization_builds_for_ampere_ada_and_hopper(tmp_path):
-    """Each kernel specialization the ops launch compiles for sm_80, sm_89 and sm_90 with no register
-    spills, within the architecture's shared memory, on tensor cores for half precision (wgmma on
-    Hopper), and accumulates through relaxed reductions. Runs in a process of its own: the kernels
+def test_every_specialization_builds_for_ampere_ada_hopper_and_blackwell(tmp_path):
+    """Each kernel specialization the ops launch compiles for sm_80, sm_89, sm_90 and sm_100 with no
+    register spills, within the architecture's shared memory, on tensor cores for half precision
+    (wgmma on Hopper, tcgen05 on Blackwell), and accumulates through relaxed reductions. Runs in a process of its own: the kernels
     must be compiled, not interpreted."""
     pytest.importorskip("triton")
     from bench.cross_compile import _cuobjdump
@@ -193,18 +197,19 @@ def test_every_specialization_builds_for_ampere_ada_and_hopper(tmp_path):
         pytest.skip("this Triton install has no NVIDIA toolchain (cuobjdump)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-m", "bench.cross_compile", "--arch", "80,89,90", "--out",
+    result = subprocess.run([sys.executable, "-m", "bench.cross_compile", "--arch", "80,89,90,100", "--out",
                              str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "cross-compile.json").read_text())
     built = {(r["arch"], r["kernel"]) for r in rows}
-    for arch in ("sm_80", "sm_89", "sm_90"):
+    for arch in ("sm_80", "sm_89", "sm_90", "sm_100"):
         for kernel in ("linear_logprobs_fwd_kernel", "linear_logprobs_bwd_kernel", "linear_logprobs_bwd_dh_kernel",
                        "linear_logprobs_bwd_dw_kernel", "kto_sequence_kernel"):
             assert (arch, kernel) in built
-    hopper_half = [r for r in rows if r["arch"] == "sm_90" and r["case"].startswith(("bfloat16", "float16"))
-                   and r["kernel"].startswith("linear_logprobs")]
-    assert hopper_half and all(r["matrix"] == "wgmma" for r in hopper_half)
+    for arch, matrix in (("sm_90", "wgmma"), ("sm_100", "tcgen05")):
+        half = [r for r in rows if r["arch"] == arch and r["case"].startswith(("bfloat16", "float16"))
+                and r["kernel"].startswith("linear_logprobs")]
+        assert half and all(r["matrix"] == matrix for r in half), arch
     assert all(r["spill_bytes"] == 0 and r["fits"] for r in rows)
     atomic = [r for r in rows if r["kernel"] == "linear_logprobs_bwd_kernel"]
     assert atomic and all(r["atomics"] == "red" for r in atomic)  # relaxed reductions, no acq_rel round trips
