@@ -176,7 +176,8 @@ def test_autotune_writes_a_table_the_launchers_read(autotune, tmp_path, monkeypa
     table = json.loads((tmp_path / "tuned_configs.json").read_text())
     assert [(e["kernel"], e["arch"], e["dtype"]) for e in table["entries"]] == [
         ("forward", "sm_test", "float32"), ("backward", "sm_test", "float32")]
-    assert "| forward | 48 | 24 | 100 | float32 | 16 | 32 | 16 | 1 | 1 | 1.000 |" in (tmp_path / "autotune.md").read_text()
+    report = (tmp_path / "autotune.md").read_text()
+    assert "| forward | 48 | 24 | 100 | float32 | 16 | 32 | 16 | 1 | 1 | 1.000 |" in report
     monkeypatch.setenv(kconfig.TUNED_TABLE_ENV, str(tmp_path / "tuned_configs.json"))
     assert kconfig.select_config("forward", torch.float32, 24, 100, "sm_test") == TUNED
     assert kconfig.select_config("backward_dh", torch.float32, 24, 100, "sm_test") == kconfig.FP32_CONFIG
@@ -188,8 +189,8 @@ def test_autotune_writes_a_table_the_launchers_read(autotune, tmp_path, monkeypa
 def test_every_specialization_builds_for_ampere_ada_hopper_and_blackwell(tmp_path):
     """Each kernel specialization the ops launch compiles for sm_80, sm_89, sm_90 and sm_100 with no
     register spills, within the architecture's shared memory, on tensor cores for half precision
-    (wgmma on Hopper, tcgen05 on Blackwell), and accumulates through relaxed reductions. Runs in a process of its own: the kernels
-    must be compiled, not interpreted."""
+    (wgmma on Hopper, tcgen05 on Blackwell), and accumulates through relaxed reductions. Runs in a
+    process of its own: the kernels must be compiled, not interpreted."""
     pytest.importorskip("triton")
     from bench.cross_compile import _cuobjdump
 
