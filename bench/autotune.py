@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
-from halo_ops.kernels.config import KERNELS, device_arch, select_config, table_key
+from halo_ops.kernels.config import KERNELS, default_config, device_arch, table_key
 
 from .measure import Shape, median_seconds
 from .report import environment
@@ -75,13 +75,14 @@ def relative_error(result, expected) -> float:
 
 
 def tune(kernel: str, shape: Shape, device: torch.device, candidates: list[BlockConfig], repeats: int = 3,
-         timer=None) -> list[dict]:
+         timer=None, arch: str | None = None) -> list[dict]:
     """One row per candidate: config, ms (None if it failed), relative error against the default's result.
 
-    ``timer(call, device, repeats)`` → seconds; default ``bench.measure.median_seconds``."""
+    The baseline is the built-in default for ``arch``. ``timer(call, device, repeats)`` → seconds;
+    default ``bench.measure.median_seconds``."""
     timer = timer or median_seconds
     hidden, weight, targets = shape.inputs(device, requires_grad=False)
-    default = select_config(kernel, shape.dtype, shape.hidden, shape.vocab, None)
+    default = default_config(kernel, shape.dtype, arch)
     expected = kernel_call(kernel, hidden, weight, targets, default)()
     rows = []
     for config in dict.fromkeys([default, *candidates]):
@@ -168,7 +169,7 @@ def main(argv=None) -> None:
         for vocab in (int(x) for x in args.vocab.split(",")):
             shape = Shape(args.tokens, hidden, vocab, dtype)
             for kernel in args.kernels.split(","):
-                rows = tune(kernel, shape, device, candidates, args.repeats)
+                rows = tune(kernel, shape, device, candidates, args.repeats, arch=arch)
                 results.append((shape, rows))
                 winner = best(rows, args.min_gain)
                 default_ms = next(r["ms"] for r in rows if r["default"])

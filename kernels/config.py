@@ -89,6 +89,11 @@ def select_config(kernel: str, dtype: torch.dtype, hidden: int, vocab: int, arch
         config = tuned.get(table_key(kernel, arch, dtype, hidden, vocab))
         if config is not None:
             return config
+    return default_config(kernel, dtype, arch)
+
+
+def default_config(kernel: str, dtype: torch.dtype, arch: str | None) -> BlockConfig:
+    """The built-in config, before any tuning: by dtype, and by architecture where it needs one."""
     if dtype == torch.float32:
         return FP32_CONFIG
     return HALF_ARCH_CONFIGS.get((kernel, arch), HALF_CONFIG)

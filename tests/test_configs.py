@@ -37,6 +37,7 @@ def test_defaults_per_dtype_and_architecture():
             assert kconfig.select_config(kernel, dtype, 4096, 128256, "sm_90") == kconfig.HALF_CONFIG
         on_blackwell = kconfig.select_config("backward_dw", dtype, 4096, 128256, "sm_100")
         assert on_blackwell == kconfig.HALF_ARCH_CONFIGS[("backward_dw", "sm_100")] != kconfig.HALF_CONFIG
+        assert kconfig.default_config("backward_dw", dtype, "sm_100") == on_blackwell  # the autotuner's baseline
     assert kconfig.select_config("backward_dw", torch.float32, 4096, 128256, "sm_100") == kconfig.FP32_CONFIG
 
 
