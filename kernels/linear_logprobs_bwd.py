@@ -61,43 +61,40 @@ def tile_has_gradient(b_dz, HAS_FILTER: tl.constexpr):
 
 
 @triton.jit
-def add_dh_tile(dh_ptr, w_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_wv, stride_wd, ATOMIC: tl.constexpr,
-                UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dH[o_n] += dL/dy · W[o_v], D chunk by D chunk (fp32 dH, contiguous [N, D]): atomic, or owned."""
-    for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
-        m_d = o_d < D
-        p_w = w_ptr + o_v[:, None].to(tl.int64) * stride_wv + o_d[None, :] * stride_wd
-        b_w = tl.load(p_w, mask=m_v[:, None] & m_d[None, :], other=0.0)
-        if UPCAST_BF16:
-            b_w = b_w.to(tl.float32)
-        b_dh = tl.dot(b_dz_in, b_w, input_precision=INPUT_PRECISION)
-        p_dh = dh_ptr + o_n[:, None].to(tl.int64) * D + o_d[None, :]
-        m_dh = m_n[:, None] & m_d[None, :]
-        if ATOMIC:
-            tl.atomic_add(p_dh, b_dh, mask=m_dh, sem="relaxed")
-        else:
-            tl.store(p_dh, tl.load(p_dh, mask=m_dh, other=0.0) + b_dh, mask=m_dh)
+def gemm_operand(b_dz, like_ptr, UPCAST_BF16: tl.constexpr):
+    """dL/dy in the inputs' dtype, for the tensor cores (the GEMMs accumulate in fp32); fp32 for bf16
+    under the interpreter."""
+    b_dz_in = b_dz.to(like_ptr.dtype.element_ty)
+    if UPCAST_BF16:
+        b_dz_in = b_dz_in.to(tl.float32)
+    return b_dz_in
 
 
 @triton.jit
-def add_dw_tile(dw_ptr, h_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, ATOMIC: tl.constexpr,
-                UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dW[o_v] += dL/dyᵀ · H[o_n], D chunk by D chunk (fp32 dW, contiguous [V, D]): atomic, or owned."""
+def add_product_tile(out_ptr, src_ptr, b_a, o_out, m_out, o_src, m_src, D, stride_src_row, stride_src_d,
+                     TRANS_A: tl.constexpr, ATOMIC: tl.constexpr, UPCAST_BF16: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[o_out] += op(b_a) · src[o_src], D chunk by D chunk (fp32 out, contiguous [rows, D]): atomic, or owned.
+
+    dH: b_a = dL/dy, src = W; dW: TRANS_A, src = H. (Transposing inside the loop, not before it, is what
+    keeps the fp32 owner pass free of spills on sm_90.)"""
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
         m_d = o_d < D
-        p_h = h_ptr + o_n[:, None].to(tl.int64) * stride_hn + o_d[None, :] * stride_hd
-        b_h = tl.load(p_h, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        p_src = src_ptr + o_src[:, None].to(tl.int64) * stride_src_row + o_d[None, :] * stride_src_d
+        b_src = tl.load(p_src, mask=m_src[:, None] & m_d[None, :], other=0.0)
         if UPCAST_BF16:
-            b_h = b_h.to(tl.float32)
-        b_dw = tl.dot(tl.trans(b_dz_in), b_h, input_precision=INPUT_PRECISION)
-        p_dw = dw_ptr + o_v[:, None].to(tl.int64) * D + o_d[None, :]
-        m_dw = m_v[:, None] & m_d[None, :]
-        if ATOMIC:
-            tl.atomic_add(p_dw, b_dw, mask=m_dw, sem="relaxed")
+            b_src = b_src.to(tl.float32)
+        if TRANS_A:
+            b_out = tl.dot(tl.trans(b_a), b_src, input_precision=INPUT_PRECISION)
         else:
-            tl.store(p_dw, tl.load(p_dw, mask=m_dw, other=0.0) + b_dw, mask=m_dw)
+            b_out = tl.dot(b_a, b_src, input_precision=INPUT_PRECISION)
+        p_out = out_ptr + o_out[:, None].to(tl.int64) * D + o_d[None, :]
+        m = m_out[:, None] & m_d[None, :]
+        if ATOMIC:
+            tl.atomic_add(p_out, b_out, mask=m, sem="relaxed")
+        else:
+            tl.store(p_out, tl.load(p_out, mask=m, other=0.0) + b_out, mask=m)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -129,16 +126,13 @@ def linear_logprobs_bwd_kernel(
         if tile_has_gradient(b_dz, HAS_FILTER):
             if COMPUTE_DB:
                 tl.atomic_add(db_ptr + o_v, tl.sum(b_dz, axis=0), mask=m_v, sem="relaxed")
-            # The GEMMs take dL/dy in the inputs' dtype (tensor cores), accumulating in fp32.
-            b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
-            if UPCAST_BF16:
-                b_dz_in = b_dz_in.to(tl.float32)
+            b_dz_in = gemm_operand(b_dz, h_ptr, UPCAST_BF16)
             if COMPUTE_DH:
-                add_dh_tile(dh_ptr, w_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_wv, stride_wd, True,
-                            UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
+                add_product_tile(dh_ptr, w_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_wv, stride_wd, False, True,
+                                 UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
             if COMPUTE_DW:
-                add_dw_tile(dw_ptr, h_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, True,
-                            UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
+                add_product_tile(dw_ptr, h_ptr, b_dz_in, o_v, m_v, o_n, m_n, D, stride_hn, stride_hd, True, True,
+                                 UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -166,11 +160,8 @@ def linear_logprobs_bwd_dh_kernel(
                 BLOCK_D,
             )
             if tile_has_gradient(b_dz, HAS_FILTER):
-                b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
-                if UPCAST_BF16:
-                    b_dz_in = b_dz_in.to(tl.float32)
-                add_dh_tile(dh_ptr, w_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_wv, stride_wd, False,
-                            UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
+                add_product_tile(dh_ptr, w_ptr, gemm_operand(b_dz, h_ptr, UPCAST_BF16), o_n, m_n, o_v, m_v, D,
+                                 stride_wv, stride_wd, False, False, UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -203,11 +194,8 @@ def linear_logprobs_bwd_dw_kernel(
             b_db += tl.sum(b_dz, axis=0)
             if COMPUTE_DW:
                 if tile_has_gradient(b_dz, HAS_FILTER):
-                    b_dz_in = b_dz.to(h_ptr.dtype.element_ty)
-                    if UPCAST_BF16:
-                        b_dz_in = b_dz_in.to(tl.float32)
-                    add_dw_tile(dw_ptr, h_ptr, b_dz_in, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, False,
-                                UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
+                    add_product_tile(dw_ptr, h_ptr, gemm_operand(b_dz, h_ptr, UPCAST_BF16), o_v, m_v, o_n, m_n, D,
+                                     stride_hn, stride_hd, True, False, UPCAST_BF16, INPUT_PRECISION, BLOCK_D)
     if COMPUTE_DB:
         tl.store(db_ptr + o_v, b_db, mask=m_v)
 
