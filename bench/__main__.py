@@ -8,11 +8,9 @@ from pathlib import Path
 import torch
 
 from .kto_step import KTO_PROVIDERS, KTOShape, mean_entropy
-from .measure import CASES, Shape, peak_row, time_row
+from .measure import CASES, DTYPES, Shape, peak_row, time_row
 from .providers import HALO_OPTIONS, PROVIDERS
 from .report import add_ratios, environment, plot, write
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _ints(text: str) -> list[int]:

@@ -24,7 +24,7 @@ import torch
 from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
 from halo_ops.kernels.config import KERNELS, default_config, device_arch, table_key
 
-from .measure import Shape, median_seconds
+from .measure import DTYPES, Shape, median_seconds
 from .report import environment
 
 # Candidates around the defaults (kernels/config.py): bigger token and vocabulary blocks for reuse,
@@ -46,7 +46,6 @@ FP32_CANDIDATES = [
     BlockConfig(64, 128, 16, 8, 2),
     BlockConfig(32, 128, 32, 8, 2),
 ]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # What each candidate's result may differ from the default's by, relative to the result's largest
 # entry: the order of the fp32 sums changes with the blocks (and with atomics, from run to run),
 # and half-precision gradients are rounded once at the end.

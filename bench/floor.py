@@ -14,10 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .measure import median_seconds
+from .measure import DTYPES, median_seconds
 from .report import environment
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def gemm_tflops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:

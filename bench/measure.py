@@ -12,6 +12,7 @@ from .memory import peak_extra_bytes
 from .providers import Provider
 
 CASES = ("forward", "backward", "forward+backward", "forward-only", "kto-step")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
 
 
 @dataclass

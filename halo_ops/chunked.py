@@ -160,7 +160,10 @@ def chunked_backward(
     slice_rows = _weight_slice_rows(vocab, dim, vocab_chunk, weight.dtype) if needs_w else vocab
     sliced = slice_rows < vocab
     grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if needs_h else None
-    grad_w = torch.zeros(weight.shape, dtype=weight.dtype if sliced else acc, device=weight.device) if needs_w else None
+    grad_w = None
+    if needs_w:  # sliced, every slice is assigned below: no zero fill of the output
+        shape = {"size": weight.shape, "device": weight.device}
+        grad_w = torch.empty(**shape, dtype=weight.dtype) if sliced else torch.zeros(**shape, dtype=acc)
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if needs_b and bias is not None else None
     rows = _active_rows(grad_logps != 0)
     if rows is None:
