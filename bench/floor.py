@@ -10,6 +10,7 @@ issue 5's targets are stated against them.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -50,22 +51,27 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--gemm", default=None, help="M,K,N of the measured product (default 16384,4096,16384 "
-                        "on CUDA, 1024,256,1024 on CPU)")
+    parser.add_argument("--gemm", default=None, help="semicolon list of M,K,N products to time; the first one's rate "
+                        "sets the floors (default 16384,4096,16384 on CUDA, 1024,256,1024 on CPU)")
     parser.add_argument("--shapes", default="16384,4096,128256", help="semicolon list of N,D,V for the floors")
     parser.add_argument("--out", type=Path, default=None, help="write floor.md here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
-    m, k, n = (int(x) for x in (args.gemm or ("16384,4096,16384" if cuda else "1024,256,1024")).split(","))
-    tflops = gemm_tflops(m, k, n, dtype, device)
+    gemms = [tuple(int(x) for x in g.split(",")) for g in (args.gemm or ("16384,4096,16384" if cuda else
+                                                                          "1024,256,1024")).split(";")]
+    rates = [(g, gemm_tflops(*g, dtype, device)) for g in gemms]
+    tflops = rates[0][1]
     gbps = copy_gbps(2**30 if cuda else 2**26, device)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     env = environment(device)
+    name = str(dtype).removeprefix("torch.")
     lines = ["# Matmul floor", "", *(f"- {k_}: {v_}" for k_, v_ in env.items()), "",
-             f"Measured: {str(dtype).removeprefix('torch.')} GEMM [{m}, {k}] @ [{k}, {n}] at {tflops:.1f} TFLOP/s; "
-             f"device copy at {gbps:.0f} GB/s (read + write).", "",
+             f"Device copy at {gbps:.0f} GB/s (read + write). {name} GEMMs, random inputs, median:", "",
+             "| M | K | N | TFLOP/s |", "|---:|---:|---:|---:|",
+             *(f"| {m} | {k} | {n} | {rate:.1f} |" for (m, k, n), rate in rates), "",
+             f"Floors at the first product's rate ({tflops:.1f} TFLOP/s):", "",
              "| tokens | hidden | vocab | 1 GEMM ms (forward floor) | 3 GEMMs ms | 4 GEMMs ms (fwd+bwd floor) |",
              "|---:|---:|---:|---:|---:|---:|"]
     for r in floor_rows(tflops, shapes):
@@ -76,6 +82,9 @@ def main(argv=None) -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "floor.md").write_text(text)
+        (args.out / "floor.json").write_text(json.dumps({
+            "dtype": name, "copy_gbps": gbps, "tflops": tflops,
+            "gemms": [{"m": m, "k": k, "n": n, "tflops": rate} for (m, k, n), rate in rates], **env}, indent=1))
 
 
 if __name__ == "__main__":

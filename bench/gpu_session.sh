@@ -1,69 +1,111 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, in phases that each fit one device call (10 minutes):
-#   bash bench/gpu_session.sh tests   # compiled-Triton test suite
-#   bash bench/gpu_session.sh tune    # matmul floor, then block-config autotuning (bf16, D and V buckets)
-#   bash bench/gpu_session.sh bench   # sweeps against every peer, with the tuned table; pytest-benchmark
-#   bash bench/gpu_session.sh quick   # tests, then the target shape only (N=16384, D=4096, V=128256)
-# Each phase packs its files into $OUT/gpu-<phase>.tar.gz (a device call brings back at most 8 files)
-# and prints its summary last. Unpack into bench/results/ on the development machine.
+# The prepared GPU run: every measurement a lent GPU session needs, within 8 minutes of wall time.
 #
-# The device image has torch, triton, transformers, peft, accelerate, pytest, hypothesis,
-# pytest-benchmark and matplotlib, and reaches no package index. Carry the peers as wheels in .whl/
-# (pip download --only-binary=:all: --python-version 3.12 --no-deps trl liger-kernel cut-cross-entropy
-# datasets ...); tests and providers whose package is missing are skipped and say so.
+#   bash bench/gpu_session.sh             # the whole run (about 7.5 minutes at most on an H100)
+#   bash bench/gpu_session.sh smoke       # the same steps at toy sizes, on CPU (Triton interpreted): checks the script
+#   bash bench/gpu_session.sh tune        # longer block-config autotuning over D and V buckets (one more device call)
+#
+# Device call (bench/fetch_wheels.sh first, here, to fill .whl/ with the peers the image lacks):
+#   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=540)
+#
+# Steps, each under its own deadline so that one slow or hung step cannot eat the others:
+#   setup (install .whl/ offline), tests (compiled Triton, focused), floor (cuBLAS GEMM rate at the target
+#   shape and at the slab shapes, copy bandwidth), schedules (each halo-ops schedule: forward, backward,
+#   forward+backward, forward-only, peak memory), peers (TRL's head, cut-cross-entropy with and without its
+#   filter, torch's linear_cross_entropy where torch has it, torch.compile, plain; one process each), kto-step
+#   (the whole LM-head part of a KTO step against TRL and Liger), sweep (block configs of the backward).
+# Files, at most 8, into $OUT (the device tool's folder) or bench/results/gpu-session: summary.md (printed
+# last), session.log, and gpu-session.tar.gz holding every CSV, Markdown table and log. Unpack that into
+# bench/results/ on the development machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE=${1:-quick}
-OUT=${OUT:-bench/results}
+MODE=${1:-run}
+OUT=${OUT:-bench/results/gpu-session}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=python3
+START=$(date +%s)
+: > "$WORK/steps.tsv"
+
+if [ "$MODE" = smoke ]; then
+    # Toy sizes through the interpreter: the same code paths, seconds instead of minutes
+    export TRITON_INTERPRET=1
+    [ -x .venv/bin/python ] && PY=.venv/bin/python
+    N=256; D=32; V=1000; SEQ=64; DTYPE=fp32; DEVICE=cpu; SLAB="256,256,32;256,256,1000"
+    T_TESTS=60; T_FLOOR=60; T_SCHED=120; T_PEER=90; T_COMPILE=90; T_KTO=120; T_SWEEP=90; BUDGET=1200
+else
+    N=16384; D=4096; V=128256; SEQ=1024; DTYPE=bf16; DEVICE=cuda; SLAB="8192,16384,4096;16384,8192,4096"
+    T_TESTS=100; T_FLOOR=25; T_SCHED=90; T_PEER=35; T_COMPILE=60; T_KTO=60; T_SWEEP=50; BUDGET=470
 fi
-# halo-ops itself, offline: no dependencies, no build isolation
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
-nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1
+SHAPE="--tokens $N --hidden $D --vocab $V --dtype $DTYPE --device $DEVICE --out $WORK"
+ARCH=""; [ "$MODE" = smoke ] && ARCH="--arch sm_90"  # the interpreter has no GPU to name the table's key
 
-run_tests() {
-    # tests/conftest.py leaves TRITON_INTERPRET unset when CUDA is there: the kernels run compiled
-    python3 -m pytest -q -p no:cacheprovider -rs 2>&1 | tail -40 > "$WORK/gpu-tests.txt"
-    tail -3 "$WORK/gpu-tests.txt"
+step() {  # step NAME SECONDS 'command': run under a deadline, log everything, record the outcome
+    local name=$1 seconds=$2 command=$3
+    local t0=$(date +%s)
+    local left=$((BUDGET - (t0 - START)))  # the whole run's budget caps every deadline
+    if [ $left -lt 10 ]; then
+        printf '%s\t0\tskipped: the run is out of time\n' "$name" >> "$WORK/steps.tsv"; return
+    fi
+    [ "$seconds" -gt "$left" ] && seconds=$left
+    echo "=== $name (deadline ${seconds}s, at +$((t0 - START))s): $command" | tee -a "$WORK/session.log"
+    timeout -k 5 "$seconds" bash -c "$command" >> "$WORK/session.log" 2>&1
+    local rc=$? t1=$(date +%s)
+    local outcome=ok
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then outcome=deadline; elif [ $rc -ne 0 ]; then outcome="failed (exit $rc)"; fi
+    printf '%s\t%s\t%s\n' "$name" "$((t1 - t0))" "$outcome" >> "$WORK/steps.tsv"
+    echo "    $name: $outcome in $((t1 - t0))s" | tee -a "$WORK/session.log"
 }
 
-run_tune() {
-    python3 -m bench.floor --shapes "16384,4096,128256;16384,2048,128256;16384,4096,256000" --out "$WORK" | tail -8
-    python3 -m bench.autotune --tokens 16384 --hidden 2048,4096 --vocab 32000,128256,256000 --dtype bf16 \
-        --out "$WORK" 2>&1 | tail -30
-}
+if [ "$MODE" != smoke ]; then
+    if ls .whl/*.whl >/dev/null 2>&1; then  # the peers, offline (bench/fetch_wheels.sh fills .whl/)
+        step wheels 60 "$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl"
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    # halo-ops itself, offline: no dependencies, no build isolation
+    step install 60 "$PY -m pip install -q --no-deps --no-build-isolation --no-index -e ."
+fi
+step environment 30 "{ nvidia-smi || true; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\",
+    triton.__version__, \"cuda\", torch.cuda.is_available())'; } 2>&1 | tee $WORK/environment.txt"
 
-run_bench() {  # $1: token list, $2: vocabulary list
-    if [ -f "$OUT/tuned_configs.json" ]; then export HALO_OPS_TUNED_CONFIGS="$OUT/tuned_configs.json"; fi
-    if [ -f "$WORK/tuned_configs.json" ]; then export HALO_OPS_TUNED_CONFIGS="$WORK/tuned_configs.json"; fi
-    python3 -m bench --tokens "$1" --hidden 4096 --vocab "$2" --cases forward+backward,forward-only \
-        --out "$WORK" --name logprobs-gpu 2>&1 | tail -3
-    python3 -m bench --tokens "$1" --hidden 4096 --vocab 128256 --cases kto-step --distribution random,peaked \
-        --seq 1024 --out "$WORK" --name kto-step-gpu 2>&1 | tail -3
-    python3 -m bench --tokens 16384 --hidden 4096 --vocab 128256 --cases kto-step --distribution peaked \
-        --seq 1024 --providers halo-ops --grad-filter-eps 0.000244140625 --out "$WORK" --name kto-step-gpu-filter \
-        2>&1 | tail -3
-    python3 -m bench --tokens 16384 --hidden 4096 --vocab 128256 --cases forward+backward \
-        --providers "halo-ops,halo-ops[deterministic]" --out "$WORK" --name deterministic-gpu 2>&1 | tail -3
-    HALO_BENCH_TOKENS=16384 HALO_BENCH_VOCAB=128256 HALO_BENCH_HIDDEN=4096 \
-        python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider --benchmark-json "$WORK/gpu-benchmark.json" \
-        2>&1 | tail -40 > "$WORK/gpu-benchmark.txt"
-    cat "$WORK"/logprobs-gpu.md "$WORK"/kto-step-gpu.md | grep -E "^\| (halo-ops|trl|cce|liger|plain|torch.compile)" \
-        | head -40
-}
-
-case "$PHASE" in
-    tests) run_tests ;;
-    tune) run_tune ;;
-    bench) run_bench 1024,4096,16384,32768 32000,128256,151936,256000 ;;
-    quick) run_tests; run_bench 16384 128256 ;;
-    *) echo "unknown phase $PHASE (tests, tune, bench, quick)"; exit 2 ;;
+case "$MODE" in
+    run|smoke)
+        # compiled correctness: every schedule, dtype and option of the token op, and the fused KTO op
+        TESTS="tests/test_linear_logprobs.py tests/test_kto.py tests/test_compile.py"
+        [ "$MODE" = smoke ] && TESTS="tests/test_linear_logprobs.py -k softcap"
+        step tests "$T_TESTS" "$PY -m pytest -q -p no:cacheprovider -x -rs $TESTS 2>&1 | tee $WORK/tests.txt | tail -5"
+        step floor "$T_FLOOR" "$PY -m bench.floor --device $DEVICE --dtype $DTYPE --gemm '$N,$D,$V;$SLAB' \
+            --shapes $N,$D,$V --out $WORK"
+        step schedules "$T_SCHED" "$PY -m bench $SHAPE --cases forward,backward,forward+backward,forward-only \
+            --providers 'halo-ops,halo-ops[deterministic]' --name schedules"
+        peer() {  # peer NAME SECONDS: one provider in its own process, so that a hang costs one row
+            step "peer $1" "$2" "$PY -m bench $SHAPE --cases forward+backward,forward-only --providers '$1' \
+                --name peer-$1"
+        }
+        peer trl "$T_PEER"
+        step kto-step "$T_KTO" "$PY -m bench $SHAPE --cases kto-step --seq $SEQ --distribution random \
+            --providers halo-ops,trl,liger,plain --name kto-step"
+        peer cce "$T_PEER"
+        peer plain "$T_PEER"
+        peer torch.linear_cross_entropy "$T_PEER"
+        peer cce-no-filter "$T_PEER"
+        peer torch.compile "$T_COMPILE"
+        step sweep "$T_SWEEP" "$PY -m bench.autotune --device $DEVICE --tokens $N --hidden $D --vocab $V \
+            --dtype $DTYPE --kernels forward,backward $ARCH --repeats 1 \
+            --candidates '64,128,64,8,3;128,128,64,8,3;128,256,64,8,3;128,128,32,8,4' --out $WORK"
+        ;;
+    tune)
+        step tune 540 "$PY -m bench.autotune --tokens 16384 --hidden 2048,4096 --vocab 32000,128256,256000 \
+            --dtype bf16 --out $WORK"
+        ;;
+    *) echo "unknown mode $MODE (run, smoke, tune)"; exit 2 ;;
 esac
-tar czf "$OUT/gpu-$PHASE.tar.gz" -C "$WORK" .
-if [ -f "$WORK/tuned_configs.json" ]; then cp "$WORK/tuned_configs.json" "$OUT/"; fi
-echo "packed $(ls "$WORK" | wc -l) files into $OUT/gpu-$PHASE.tar.gz"
+
+$PY -m bench.summary "$WORK" > "$WORK/summary.md" 2>> "$WORK/session.log" \
+    || echo "summary failed: see session.log" >> "$WORK/summary.md"
+cp "$WORK/summary.md" "$WORK/session.log" "$OUT/"
+tar czf "$OUT/gpu-session.tar.gz" -C "$WORK" .
+echo "wrote $OUT/summary.md, $OUT/session.log and $OUT/gpu-session.tar.gz ($(ls "$WORK" | wc -l) files) in $(( $(date +%s) - START ))s"
+cat "$WORK/summary.md"

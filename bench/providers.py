@@ -57,9 +57,29 @@ def trl_logprobs(hidden, weight, targets):
 
 
 def cce_logprobs(hidden, weight, targets):
+    """cut-cross-entropy as it ships: its default gradient filter (approximate) on."""
     from cut_cross_entropy import linear_cross_entropy
 
     return -linear_cross_entropy(hidden, weight, targets, reduction="none")
+
+
+def cce_exact_logprobs(hidden, weight, targets):
+    """cut-cross-entropy with its gradient filter off: the exact function halo-ops computes by default."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    return -linear_cross_entropy(hidden, weight, targets, reduction="none", filter_eps=None)
+
+
+def torch_lce_logprobs(hidden, weight, targets):
+    """PyTorch's own ``F.linear_cross_entropy`` (2.13+), on its chunked path (``options`` set), per token."""
+    options = torch.nn.LinearCrossEntropyOptions()
+    return -torch.nn.functional.linear_cross_entropy(hidden, weight, targets, reduction="none", options=options)
+
+
+def _torch_lce_available(_device):
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no chunked F.linear_cross_entropy (2.13+)"
+    return None
 
 
 # Extra keyword options for every halo-ops call in a benchmark run (``python -m bench --grad-filter-eps``)
@@ -95,5 +115,7 @@ PROVIDERS = {
         Provider("torch.compile", compiled_logprobs, _always),
         Provider("trl", trl_logprobs, _needs_module("trl")),
         Provider("cce", cce_logprobs, _needs_module("cut_cross_entropy", cuda_only=True)),
+        Provider("cce-no-filter", cce_exact_logprobs, _needs_module("cut_cross_entropy", cuda_only=True)),
+        Provider("torch.linear_cross_entropy", torch_lce_logprobs, _torch_lce_available),
     )
 }

@@ -53,7 +53,7 @@ def add_ratios(rows: list[dict], reference: str) -> None:
 def write(rows: list[dict], env: dict, out_dir: Path, stem: str, reference: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = ["provider", "case", "tokens", "hidden", "vocab", "dtype", "distribution", "entropy", "ms", "peak_mib",
-               "time_x", "mem_x", "note"]
+               "extra_mib", "time_x", "mem_x", "note"]
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     with open(csv_path, "w", newline="") as f:
         f.write("".join(f"# {k}: {v}\n" for k, v in env.items()))
@@ -67,19 +67,21 @@ def write(rows: list[dict], env: dict, out_dir: Path, stem: str, reference: str)
     lines = [f"# {stem}", "", *(f"- {k}: {v}" for k, v in env.items()), "",
              f"Ratios are to `{reference}` on the same case (time_x > 1: slower than it; mem_x > 1: more memory). "
              "Peak memory is beyond the inputs: on CUDA from the allocator, on CPU the process's resident "
-             "high-water mark (an upper bound).", "",
+             "high-water mark (an upper bound). Extra MiB is the peak less the gradient outputs (hidden and "
+             "weight), for the cases with a backward.", "",
              "| provider | case | tokens | hidden | vocab | dtype | logits (mean entropy) | ms (median) | peak MiB "
-             "| time × | memory × |",
-             "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+             "| extra MiB | time × | memory × |",
+             "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         logits = r.get("distribution", "random")
         if r.get("entropy") is not None:
             logits += f" ({r['entropy']:.2f} nats)"
         head = f"| {r['provider']} | {r['case']} | {r['tokens']} | {r['hidden']} | {r['vocab']} | {r['dtype']} | {logits} "
         if "ms" not in r:
-            lines.append(head + f"| n/a: {r['note']} | | | |")
+            lines.append(head + f"| n/a: {r['note']} | | | | |")
             continue
-        lines.append(head + f"| {fmt(r['ms'], '.1f')} | {fmt(r['peak_mib'], '.0f')} | {fmt(r.get('time_x'), '.2f')} "
+        lines.append(head + f"| {fmt(r['ms'], '.1f')} | {fmt(r['peak_mib'], '.0f')} | {fmt(r.get('extra_mib'), '.0f')} "
+                     f"| {fmt(r.get('time_x'), '.2f')} "
                      f"| {fmt(r.get('mem_x'), '.2f')} |")
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path

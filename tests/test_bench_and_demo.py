@@ -38,3 +38,27 @@ def test_floor_counts_gemms_at_the_measured_rate(tmp_path, capsys):
     floor.main(["--gemm", "64,32,64", "--shapes", "128,16,300", "--out", str(tmp_path)])
     text = (tmp_path / "floor.md").read_text()
     assert "TFLOP/s" in text and "| 128 | 16 | 300 |" in text
+
+
+def test_gpu_session_summary_reads_every_results_file(tmp_path):
+    """The device run's last table: ratios to the measured GEMM floor and to TRL, steps and their outcomes."""
+    import json
+    import subprocess
+
+    from bench import summary
+
+    bench_cli.main(["--tokens", "64", "--hidden", "16", "--vocab", "300", "--dtype", "fp32", "--repeats", "1",
+                    "--cases", "forward+backward", "--providers", "plain", "--out", str(tmp_path), "--name",
+                    "schedules"])
+    (tmp_path / "floor.json").write_text(json.dumps({"dtype": "float32", "copy_gbps": 10.0, "tflops": 1e-3,
+                                                     "gemms": [{"m": 1, "k": 2, "n": 3, "tflops": 1e-3}]}))
+    (tmp_path / "steps.tsv").write_text("tests\t12\tok\npeer trl\t0\tskipped: the run is out of time\n")
+    text = summary.summarize(tmp_path)
+    assert "| peer trl | 0 | skipped: the run is out of time |" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| plain | forward+backward")]
+    over_floor = float(row.split("|")[7])
+    (measured,) = summary.read_rows(tmp_path)[0]
+    floor_ms = 4 * 2 * 64 * 16 * 300 / 1e9 * 1e3  # 4 GEMMs at 1 GFLOP/s
+    assert over_floor == pytest.approx(float(measured["ms"]) / floor_ms, abs=0.006)
+    for script in ("bench/gpu_session.sh", "bench/fetch_wheels.sh"):
+        subprocess.run(["bash", "-n", script], check=True)
