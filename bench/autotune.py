@@ -23,6 +23,9 @@ import torch
 
 from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
 from halo_ops.kernels.config import KERNELS, default_config, device_arch, table_key
+from halo_ops.options import TokenOptions
+from halo_ops.partials import merge_partials
+from halo_ops.token_op import weight_slice_rows
 
 from .measure import DTYPES, Shape, median_seconds
 from .report import environment
@@ -54,18 +57,24 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 def kernel_call(kernel: str, hidden, weight, targets, config: BlockConfig):
     """A no-argument callable that runs ``kernel``'s launcher with ``config`` and returns its outputs."""
-    transform = {"logit_scale": 1.0, "softcap": None, "temperature": 1.0}
+    valid = targets != -100
+
+    def forward():
+        partials = linear_logprobs_forward(hidden, weight, None, targets, TokenOptions("triton"), config=config)
+        return merge_partials(partials, valid, weight.shape[0])[:2]
+
     if kernel == "forward":
-        return lambda: linear_logprobs_forward(hidden, weight, None, targets, ignore_index=-100, with_stats=False,
-                                               config=config, **transform)[:2]
-    lse = linear_logprobs_forward(hidden, weight, None, targets, ignore_index=-100, with_stats=False,
-                                  **transform)[1]
+        return forward
+    lse = merge_partials(linear_logprobs_forward(hidden, weight, None, targets, TokenOptions("triton")), valid,
+                         weight.shape[0])[1]
     grad = torch.linspace(-1.0, 1.0, hidden.shape[0], device=hidden.device)
     needs, deterministic = {"backward": ((True, True, False), False), "backward_dh": ((True, False, False), True),
                             "backward_dw": ((False, True, False), True)}[kernel]
+    options = TokenOptions("triton", deterministic=deterministic)
+    slice_rows = weight_slice_rows(*weight.shape, weight.dtype)  # as the op runs it
     return lambda: tuple(g for g in linear_logprobs_backward(
-        hidden, weight, None, targets, lse, grad, needs=needs, deterministic=deterministic, config=config,
-        **transform) if g is not None)
+        hidden, weight, None, targets, lse, grad, options, needs, slice_rows=slice_rows, config=config)
+        if g is not None)
 
 
 def relative_error(result, expected) -> float:

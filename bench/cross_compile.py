@@ -105,7 +105,7 @@ class Case:
     dtype: torch.dtype
     bias: bool = False
     softcap: bool = False
-    with_stats: bool = False
+    return_stats: bool = False
     deterministic: bool = False
     grad_filter_eps: float = 0.0
     needs: tuple[bool, bool, bool] = (True, True, True)
@@ -120,7 +120,7 @@ def standard_cases() -> list[Case]:
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         name = str(dtype).removeprefix("torch.")
         cases.append(Case(f"{name}", dtype))
-        cases.append(Case(f"{name} bias+softcap+stats+filter", dtype, bias=True, softcap=True, with_stats=True,
+        cases.append(Case(f"{name} bias+softcap+stats+filter", dtype, bias=True, softcap=True, return_stats=True,
                           grad_filter_eps=2**-12))
         cases.append(Case(f"{name} deterministic", dtype, deterministic=True))
     cases.append(Case("float32 TF32 (matmul precision high)", torch.float32, matmul_precision="high"))
@@ -139,16 +139,20 @@ def launch_case(case: Case, n_tokens: int = 256, dim: int = 256, vocab: int = 10
     weight = torch.randn(vocab, dim, generator=generator).to(case.dtype)
     bias = torch.randn(vocab, generator=generator).to(case.dtype) if case.bias else None
     targets = torch.randint(0, vocab, (n_tokens,), generator=generator)
-    transform = {"logit_scale": 1.0, "softcap": 30.0 if case.softcap else None, "temperature": 1.0}
+    from halo_ops.options import TokenOptions
+    from halo_ops.token_op import weight_slice_rows
+    from halo_ops.transform import LogitTransform
+
+    options = TokenOptions("triton", LogitTransform(softcap=30.0 if case.softcap else None),
+                           return_stats=case.return_stats, deterministic=case.deterministic,
+                           grad_filter_eps=case.grad_filter_eps)
     config = {"config": case.config} if case.config is not None else {}
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(case.matmul_precision)
     try:
-        linear_logprobs_forward(hidden, weight, bias, targets, ignore_index=-100, with_stats=case.with_stats,
-                                **transform, **config)
-        linear_logprobs_backward(hidden, weight, bias, targets, torch.zeros(n_tokens), torch.ones(n_tokens),
-                                 needs=case.needs, deterministic=case.deterministic,
-                                 grad_filter_eps=case.grad_filter_eps, **transform, **config)
+        linear_logprobs_forward(hidden, weight, bias, targets, options, **config)
+        linear_logprobs_backward(hidden, weight, bias, targets, torch.zeros(n_tokens), torch.ones(n_tokens), options,
+                                 case.needs, slice_rows=weight_slice_rows(vocab, dim, case.dtype), **config)
     finally:
         torch.set_float32_matmul_precision(precision)
     if case.dtype == torch.float32 and not case.bias and not case.deterministic:

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from halo_ops import linear_logprobs
-from halo_ops._dispatch import resolve_impl
+from halo_ops import linear_logprobs, resolve_impl
 
 from .memory import peak_extra_bytes
 from .providers import plain_logprobs

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from halo_ops import linear_logprobs
+from halo_ops import linear_logprobs, resolve_impl
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,6 @@ def halo_torch_logprobs(hidden, weight, targets):
 
 
 def _halo_triton_available(device):
-    from halo_ops._dispatch import resolve_impl
-
     return None if resolve_impl("auto", device, torch.float32) == "triton" else "Triton runs on CUDA only here"
 
 

@@ -1,39 +1,34 @@
-"""Chunked PyTorch path: the fused log-prob op in token × vocab tiles, for machines without Triton.
+"""Chunked PyTorch path: the token op in token × vocabulary tiles, for machines without Triton (and float64).
 
-Forward, for each token chunk and each vocabulary chunk of at most ``TILE_ELEMENTS`` logits:
-``z = transform(h_c · W_cᵀ + b_c)`` in the accumulation dtype, then an online logsumexp kept
-relative to the running max ``m``:
-
-    s = Σ_v exp(z_v − m),   u = Σ_v exp(z_v − m) · (z_v − m)     (u only for the entropy)
-    lse = m + log s,        entropy = log s − u / s
+Forward, for each chunk of ``TOKEN_CHUNK`` tokens and each vocabulary chunk of at most
+``TILE_ELEMENTS`` logits: ``z = transform(h_c · W_cᵀ + b_c)`` in the accumulation dtype, reduced to the
+chunk's partials (``halo_ops.partials``: max, Σ exp, target logit, and with statistics the centered
+sum and Σ z). The token op merges them, as it merges the Triton kernel's vocabulary splits.
 
 Backward recomputes each tile and forms ``dL/dz = g · (onehot(y) − exp(z − lse))`` in place, then
-``dH += dL/dy · W``, ``dW += dL/dyᵀ · H``, ``db += Σ dL/dy`` with fp32 (fp64 for fp64 inputs)
-accumulators; a half-precision dW is built one vocabulary slice at a time. Extra memory is a few
-tiles plus O(N) (plus, for half precision, fp32 dH and one dW slice), never O(N · V). On CPU only rows whose
-target is not ignored (forward) and whose upstream gradient is non-zero (backward) are visited;
-on other devices all rows are, to avoid a host sync.
+``dL/dy = dL/dz · dz/dy`` and ``dH += dL/dy · W``, ``dW += dL/dyᵀ · H``, ``db += Σ dL/dy`` in fp32 (fp64
+for fp64 inputs). dW is built ``slice_rows`` vocabulary rows at a time when the weight is half
+precision, each slice cast into the output. Extra memory: a few tiles plus O(N) (plus, for half
+precision, fp32 dH and one dW slice), never O(N · V). On CPU only rows whose target is scored
+(forward) or whose coefficient is non-zero (backward) are visited; on other devices every row is,
+to avoid a host sync.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import partials as P
+from .options import TokenOptions, accumulation_dtype
 from .transform import LogitTransform
 
 # Logits per tile: a tile and its temporaries are a few times 4 · TILE_ELEMENTS bytes.
 TILE_ELEMENTS = 1 << 20
 TOKEN_CHUNK = 256
-# fp32 dW accumulator per vocabulary slice for a bf16/fp16 weight (the kernels use the same budget)
-ACCUMULATOR_BYTES = 1 << 28
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tile_shape(vocab: int) -> tuple[int, int]:
-    return TOKEN_CHUNK, max(1, min(vocab, TILE_ELEMENTS // TOKEN_CHUNK))
+def _vocab_chunk(vocab: int) -> int:
+    return max(1, min(vocab, TILE_ELEMENTS // TOKEN_CHUNK))
 
 
 def _active_rows(mask: torch.Tensor) -> torch.Tensor | None:
@@ -48,123 +43,75 @@ def _active_rows(mask: torch.Tensor) -> torch.Tensor | None:
 
 
 def _project(h_c: torch.Tensor, w_c: torch.Tensor, b_c: torch.Tensor | None, transform: LogitTransform):
-    """Transformed logits tile ``[n, v]`` in ``h_c``'s (accumulation) dtype."""
+    """Transformed logits tile ``[n, v]`` in ``h_c``'s (accumulation) dtype, and ``w_c`` in that dtype."""
     w_c = w_c.to(h_c.dtype)
     z = torch.addmm(b_c.to(h_c.dtype), h_c, w_c.t()) if b_c is not None else h_c @ w_c.t()
     return transform.apply_(z), w_c
 
 
-def chunked_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    transform: LogitTransform,
-    ignore_index: int,
-    with_stats: bool,
-):
-    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64.
+def chunked_forward(hidden, weight, bias, targets, options: TokenOptions) -> torch.Tensor:
+    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 → partials [3 or 5, K, N].
 
-    Returns ``(logps, lse, entropy, mean_logit)``, each [N] in the accumulation dtype; logps,
-    entropy and mean_logit are 0 and lse is +inf at ignored positions; the stats are None
-    unless ``with_stats``.
+    K is the number of vocabulary chunks; rows that are not visited keep empty partials.
     """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
-    valid = targets != ignore_index
-    logps = torch.zeros(n_tokens, dtype=acc, device=hidden.device)
-    lse = torch.full((n_tokens,), float("inf"), dtype=acc, device=hidden.device)
-    entropy = torch.zeros_like(logps) if with_stats else None
-    mean_logit = torch.zeros_like(logps) if with_stats else None
-    rows = _active_rows(valid)
+    stats, transform = options.return_stats, options.transform
+    vocab_chunk = _vocab_chunk(vocab)
+    starts = range(0, vocab, vocab_chunk)
+    partials = P.empty_partials(len(starts), n_tokens, stats, acc, hidden.device)
+    rows = _active_rows(targets != options.ignore_index)
     h_all, t_all = (hidden, targets) if rows is None else (hidden[rows], targets[rows])
-    token_chunk, vocab_chunk = _tile_shape(vocab)
 
-    for t0 in range(0, h_all.shape[0], token_chunk):
-        h_c = h_all[t0 : t0 + token_chunk].to(acc)
-        t_c = t_all[t0 : t0 + token_chunk]
-        n = h_c.shape[0]
-        m = torch.full((n,), float("-inf"), dtype=acc, device=hidden.device)
-        s = torch.zeros(n, dtype=acc, device=hidden.device)
-        u = torch.zeros_like(s) if with_stats else None
-        z_sum = torch.zeros_like(s) if with_stats else None
-        target_logit = torch.zeros_like(s)
-        for v0 in range(0, vocab, vocab_chunk):
+    for t0 in range(0, h_all.shape[0], TOKEN_CHUNK):
+        h_c = h_all[t0 : t0 + TOKEN_CHUNK].to(acc)
+        t_c = t_all[t0 : t0 + TOKEN_CHUNK]
+        chunk = torch.empty((partials.shape[0], len(starts), h_c.shape[0]), dtype=acc, device=hidden.device)
+        for k, v0 in enumerate(starts):
             v1 = min(v0 + vocab_chunk, vocab)
             z, _ = _project(h_c, weight[v0:v1], None if bias is None else bias[v0:v1], transform)
             local = t_c - v0
             in_tile = (local >= 0) & (local < v1 - v0)
             picked = z.gather(1, local.clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
-            target_logit += torch.where(in_tile, picked, 0.0)
-            if with_stats:
-                z_sum += z.sum(1)
-            new_m = torch.maximum(m, z.amax(1))
-            alpha = torch.exp(m - new_m)
-            z.sub_(new_m.unsqueeze(1))  # z − m'
-            if with_stats:
-                e = torch.exp(z)
-                # u' = α (u + s (m − m')) + Σ e (z − m'); s = 0 while m = −inf, so that term is 0 then
-                shift = torch.where(s > 0, s * (m - new_m), 0.0)
-                u.add_(shift).mul_(alpha).add_(torch.einsum("nv,nv->n", e, z))
+            chunk[P.TARGET_LOGIT, k] = torch.where(in_tile, picked, 0.0)
+            if stats:
+                chunk[P.LOGIT_SUM, k] = z.sum(1)
+            m = z.amax(1)
+            chunk[P.MAX, k] = m
+            centered = z.sub_(m.unsqueeze(1))  # z − m, in place
+            if stats:
+                e = torch.exp(centered)
+                chunk[P.CENTERED_SUM, k] = torch.einsum("nv,nv->n", e, centered)
             else:
-                e = z.exp_()
-            s.mul_(alpha).add_(e.sum(1))
-            m = new_m
-        lse_c = m + torch.log(s)
-        out = slice(t0, t0 + n) if rows is None else rows[t0 : t0 + n]
-        logps[out] = target_logit - lse_c
-        lse[out] = lse_c
-        if with_stats:
-            entropy[out] = torch.log(s) - u / s
-            mean_logit[out] = z_sum / vocab
-    if rows is None:  # every row was visited: ignored ones get 0 (and an lse of +inf, a softmax of 0)
-        logps, lse = torch.where(valid, logps, 0.0), torch.where(valid, lse, float("inf"))
-        if with_stats:
-            entropy, mean_logit = torch.where(valid, entropy, 0.0), torch.where(valid, mean_logit, 0.0)
-    return logps, lse, entropy, mean_logit
+                e = centered.exp_()
+            chunk[P.SUM_EXP, k] = e.sum(1)
+        out = slice(t0, t0 + h_c.shape[0]) if rows is None else rows[t0 : t0 + h_c.shape[0]]
+        partials[:, :, out] = chunk
+    return partials
 
 
-def _weight_slice_rows(vocab: int, dim: int, vocab_chunk: int, weight_dtype: torch.dtype) -> int:
-    """Vocabulary rows per dW slice: all of them when dW accumulates in the weight's own dtype (fp32,
-    fp64), else as many as ``ACCUMULATOR_BYTES`` of fp32 hold, in whole vocabulary chunks."""
-    if accumulation_dtype(weight_dtype) == weight_dtype:
-        return vocab
-    return min(vocab, max(1, ACCUMULATOR_BYTES // (4 * dim * vocab_chunk)) * vocab_chunk)
+def chunked_backward(hidden, weight, bias, targets, lse, grad_logps, options: TokenOptions,
+                     needs: tuple[bool, bool, bool], slice_rows: int):
+    """Accumulators of the gradients of ``Σ_t grad_logps[t] · logps[t]`` for (hidden, weight, bias).
 
-
-def chunked_backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    grad_logps: torch.Tensor,
-    transform: LogitTransform,
-    needs: tuple[bool, bool, bool],
-    grad_filter_eps: float = 0.0,
-):
-    """Gradients of ``Σ_t grad_logps[t] · logps[t]`` for hidden, weight and bias (None where not needed).
-
-    ``grad_filter_eps`` > 0 takes softmax probabilities below it as 0 in the gradient (as the kernels
-    do); on CPU a tile left all zero skips its GEMMs.
-
-    ``grad_logps [N]`` must be 0 at ignored positions; rows with a zero coefficient are skipped.
-    Gradients are accumulated in fp32 (fp64 for fp64 inputs) and returned in the inputs' dtypes; a
-    bf16/fp16 dW is accumulated one vocabulary slice at a time and cast into the output, so no fp32
-    copy of the whole [V, D] gradient exists.
+    ``grad_logps [N]`` is 0 at ignored positions; rows with a zero coefficient are skipped. Returns fp32
+    (fp64 for fp64 inputs) accumulators, None where not needed; dW is already in the weight's dtype
+    when it was built in slices (``slice_rows`` < V). With ``options.grad_filter_eps`` > 0, softmax
+    probabilities below it count as 0, and on CPU a tile left all zero skips its GEMMs.
     """
     needs_h, needs_w, needs_b = needs
     vocab, dim = weight.shape
     acc = accumulation_dtype(hidden.dtype)
-    token_chunk, vocab_chunk = _tile_shape(vocab)
-    slice_rows = _weight_slice_rows(vocab, dim, vocab_chunk, weight.dtype) if needs_w else vocab
+    transform, eps = options.transform, options.grad_filter_eps
+    vocab_chunk = _vocab_chunk(vocab)
+    slice_rows = slice_rows if needs_w else vocab
     sliced = slice_rows < vocab
     grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if needs_h else None
     grad_w = None
     if needs_w:  # sliced, every slice is assigned below: no zero fill of the output
         shape = {"size": weight.shape, "device": weight.device}
         grad_w = torch.empty(**shape, dtype=weight.dtype) if sliced else torch.zeros(**shape, dtype=acc)
-    grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if needs_b and bias is not None else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if needs_b else None
     rows = _active_rows(grad_logps != 0)
     if rows is None:
         h_all, t_all, g_all, lse_all = hidden, targets, grad_logps, lse
@@ -173,13 +120,14 @@ def chunked_backward(
 
     for s0 in range(0, vocab, slice_rows):
         s1 = min(s0 + slice_rows, vocab)
-        gw_s = (torch.zeros((s1 - s0, dim), dtype=acc, device=weight.device) if sliced else grad_w[s0:s1]) \
-            if needs_w else None
-        for t0 in range(0, h_all.shape[0], token_chunk):
-            h_c = h_all[t0 : t0 + token_chunk].to(acc)
-            t_c = t_all[t0 : t0 + token_chunk]
-            g_c = g_all[t0 : t0 + token_chunk].to(acc)
-            lse_c = lse_all[t0 : t0 + token_chunk].to(acc)
+        gw_s = None
+        if needs_w:
+            gw_s = torch.zeros((s1 - s0, dim), dtype=acc, device=weight.device) if sliced else grad_w[s0:s1]
+        for t0 in range(0, h_all.shape[0], TOKEN_CHUNK):
+            h_c = h_all[t0 : t0 + TOKEN_CHUNK].to(acc)
+            t_c = t_all[t0 : t0 + TOKEN_CHUNK]
+            g_c = g_all[t0 : t0 + TOKEN_CHUNK].to(acc)
+            lse_c = lse_all[t0 : t0 + TOKEN_CHUNK].to(acc)
             n = h_c.shape[0]
             gh_c = torch.zeros(n, dim, dtype=acc, device=hidden.device) if needs_h else None
             arange = torch.arange(n, device=hidden.device)
@@ -189,14 +137,14 @@ def chunked_backward(
                 # dL/dz = g · (onehot − p): p in place, unless softcap's derivative still needs z
                 dz = torch.sub(z, lse_c.unsqueeze(1)) if transform.softcap is not None else z.sub_(lse_c.unsqueeze(1))
                 dz.exp_()  # p
-                if grad_filter_eps > 0:
-                    dz.masked_fill_(dz < grad_filter_eps, 0.0)
+                if eps > 0:
+                    dz.masked_fill_(dz < eps, 0.0)
                 dz.mul_(-g_c.unsqueeze(1))
                 local = t_c - v0
                 in_tile = ((local >= 0) & (local < v1 - v0)).nonzero().squeeze(1)
                 dz.index_put_((arange[in_tile], local[in_tile]), g_c[in_tile], accumulate=True)
                 dy = transform.grad_from_logits_(dz, z)
-                if grad_filter_eps > 0 and dy.device.type == "cpu" and not bool(dy.any()):
+                if eps > 0 and dy.device.type == "cpu" and not bool(dy.any()):
                     continue  # no target here and every p below eps: nothing to add
                 if gh_c is not None:
                     gh_c.addmm_(dy, w_c)
@@ -211,8 +159,4 @@ def chunked_backward(
                     grad_h.index_add_(0, rows[t0 : t0 + n], gh_c)
         if sliced:
             grad_w[s0:s1] = gw_s
-
-    def cast(grad, like):
-        return None if grad is None else grad.to(like.dtype)
-
-    return cast(grad_h, hidden), cast(grad_w, weight), cast(grad_b, bias)
+    return grad_h, grad_w, grad_b

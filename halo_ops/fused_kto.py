@@ -11,38 +11,52 @@ saturated sequences).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._dispatch import forward_tokens, prepare_linear_inputs
-from ._ops import N_SPEC_ARGS, input_grads, spec_args, spec_from_args, token_logprobs_backward
-from .chunked import accumulation_dtype
-from .kto import (
+from . import options as opts
+from .inputs import prepare_linear_inputs
+from .losses.kto import (
     SUM_KEYS,
     KTOOutput,
-    _check_sequence_tensor,
-    _kl_value,
     as_bool_labels,
     check_kto_options,
-    kto_losses,
+    kto_terms,
     metric_sums,
     metrics_from_sums,
+    reference_point,
 )
+from .options import accumulation_dtype
+from .token_op import forward_tokens, projection_grads
+from .validation import check_sequence_tensor
 
 
-def _sequence_terms(impl, policy_logps, ref_logps, labels, kl, beta, desirable_weight, undesirable_weight,
-                    token_stats):
-    """(losses, coeff, rewards, sums) [B], [B], [B], [len(SUM_KEYS)]: the Triton kernel or the same in PyTorch."""
+@opts.register
+@dataclasses.dataclass(frozen=True)
+class KTOOptions:
+    """The fused op's sequence-level options (the token op's travel separately, as ``TokenOptions``)."""
+
+    seq: int  # tokens per sequence: the op sees [B · T] flattened tokens
+    beta: float
+    desirable_weight: float
+    undesirable_weight: float
+    average_log_prob: bool
+    saturation_threshold: float
+
+
+def _sequence_terms(impl, policy_logps, ref_logps, labels, kl, options: KTOOptions, token_stats):
+    """(losses, coeff, rewards, sums) [B], [B], [B], [len(SUM_KEYS)]: the Triton sequence kernel, or
+    ``kto_terms`` in PyTorch in the log-probs' dtype (float64 stays float64)."""
+    weights = {"beta": options.beta, "desirable_weight": options.desirable_weight,
+               "undesirable_weight": options.undesirable_weight}
     if impl == "triton":
         from .kernels import kto_sequence_terms
 
-        return kto_sequence_terms(policy_logps, ref_logps, labels, kl, beta=beta, desirable_weight=desirable_weight,
-                                  undesirable_weight=undesirable_weight, token_stats=token_stats)
-    losses, _, coeff = kto_losses(policy_logps.float(), ref_logps.float(), labels, kl.float(), beta,
-                                  desirable_weight, undesirable_weight)
-    rewards = beta * (policy_logps.float() - ref_logps.float())
+        return kto_sequence_terms(policy_logps, ref_logps, labels, kl, token_stats=token_stats, **weights)
+    losses, coeff, rewards = kto_terms(policy_logps, ref_logps, labels, kl, *weights.values())
     sums = metric_sums(losses, policy_logps, rewards, labels, *token_stats)
     return losses.detach(), coeff, rewards, sums
 
@@ -50,59 +64,54 @@ def _sequence_terms(impl, policy_logps, ref_logps, labels, kl, beta, desirable_w
 @torch.library.custom_op("halo_ops::fused_linear_kto", mutates_args=())
 def _fused_linear_kto(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, labels: Tensor, ref_logps: Tensor,
-    kl: Tensor, impl: str, ignore_index: int, logit_scale: float, softcap: float, temperature: float,
-    with_stats: bool, deterministic: bool, grad_filter_eps: float, seq: int, beta: float, desirable_weight: float,
-    undesirable_weight: float, average_log_prob: bool, saturation_threshold: float,
+    kl: Tensor, token_options: str, kto_options: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, D], targets [N] (N = B·T) → (loss, losses [B], policy_logps [B], rewards [B], sums, lse [N],
-    token coefficients [N] = dloss/dlogp_t)."""
-    spec = spec_from_args(impl, ignore_index, logit_scale, softcap, temperature, with_stats, deterministic,
-                          grad_filter_eps)
-    batch = targets.shape[0] // seq if seq else 0
-    token_logps, lse, entropy, mean_logit = forward_tokens(spec, hidden, weight, bias, targets)
-    valid = (targets != ignore_index).view(batch, seq)
-    counts = valid.sum(-1).float()
-    policy_logps = token_logps.float().view(batch, seq).sum(-1)
-    if average_log_prob:
+    token coefficients [N] = dloss/dlogp_t), in the accumulation dtype but for the float32 sums."""
+    token, kto = opts.decode(token_options), opts.decode(kto_options)
+    batch = targets.shape[0] // kto.seq if kto.seq else 0
+    token_logps, lse, entropy, mean_logit = forward_tokens(token, hidden, weight, bias, targets)
+    acc = token_logps.dtype
+    valid = (targets != token.ignore_index).view(batch, kto.seq)
+    counts = valid.sum(-1).to(acc)
+    policy_logps = token_logps.view(batch, kto.seq).sum(-1)
+    if kto.average_log_prob:
         policy_logps = policy_logps / counts.clamp(min=1)
-    token_stats = (mean_logit.view(batch, seq).sum(-1), counts, entropy.view(batch, seq).sum(-1))
-    losses, coeff, rewards, sums = _sequence_terms(impl, policy_logps, ref_logps, labels, kl, beta, desirable_weight,
-                                                   undesirable_weight, token_stats)
-    if saturation_threshold > 0:
-        coeff = torch.where(coeff.abs() < saturation_threshold / max(batch, 1), 0.0, coeff)
-    if average_log_prob:
+    token_stats = (mean_logit.view(batch, kto.seq).sum(-1), counts, entropy.view(batch, kto.seq).sum(-1))
+    losses, coeff, rewards, sums = _sequence_terms(token.impl, policy_logps, ref_logps.to(acc), labels,
+                                                   kl.to(acc), kto, token_stats)
+    losses, coeff, rewards = (t.to(acc) for t in (losses, coeff, rewards))
+    if kto.saturation_threshold > 0:
+        coeff = torch.where(coeff.abs() < kto.saturation_threshold / max(batch, 1), 0.0, coeff)
+    if kto.average_log_prob:
         coeff = coeff / counts.clamp(min=1)
-    token_coeff = coeff.float().unsqueeze(1).expand(batch, seq).reshape(-1).clone()
-    return sums[0] / max(batch, 1), losses, policy_logps, rewards, sums, lse, token_coeff
+    token_coeff = coeff.unsqueeze(1).expand(batch, kto.seq).reshape(-1).clone()
+    loss = losses.sum() / max(batch, 1)
+    return loss, losses, policy_logps, rewards, sums, lse, token_coeff
 
 
 @_fused_linear_kto.register_fake
-def _(hidden, weight, bias, targets, labels, ref_logps, kl, impl, ignore_index, logit_scale, softcap, temperature,
-      with_stats, deterministic, grad_filter_eps, seq, beta, desirable_weight, undesirable_weight, average_log_prob,
-      saturation_threshold):
+def _(hidden, weight, bias, targets, labels, ref_logps, kl, token_options, kto_options):
     n, batch = targets.shape[0], labels.shape[0]
-    f32 = {"dtype": torch.float32}
-    return (hidden.new_empty((), **f32), *(hidden.new_empty(batch, **f32) for _ in range(3)),
-            hidden.new_empty(len(SUM_KEYS), **f32), hidden.new_empty(n, dtype=accumulation_dtype(hidden.dtype)),
-            hidden.new_empty(n, **f32))
-
-
-_N_TENSORS = 7  # hidden, weight, bias, targets, labels, ref_logps, kl; then the token op's options
+    acc = {"dtype": accumulation_dtype(hidden.dtype)}
+    return (hidden.new_empty((), **acc), *(hidden.new_empty(batch, **acc) for _ in range(3)),
+            hidden.new_empty(len(SUM_KEYS), dtype=torch.float32), hidden.new_empty(n, **acc),
+            hidden.new_empty(n, **acc))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, *_ = inputs
-    ctx.options = inputs[_N_TENSORS:_N_TENSORS + N_SPEC_ARGS]
+    hidden, weight, bias, targets, _labels, _ref_logps, _kl, token_options, _kto_options = inputs
+    ctx.token_options = token_options
     ctx.save_for_backward(hidden, weight, bias, targets, output[5], output[6])
 
 
 def _backward(ctx, grad_loss, *_unused):
     hidden, weight, bias, targets, lse, token_coeff = ctx.saved_tensors
-    needs = tuple(ctx.needs_input_grad[:3])
     if grad_loss is None:
         grad_loss = token_coeff.new_zeros(())
-    grads = token_logprobs_backward(hidden, weight, bias, targets, lse, grad_loss * token_coeff, *ctx.options, *needs)
-    return (*input_grads(grads, needs), *([None] * (len(ctx.needs_input_grad) - 3)))
+    grads = projection_grads(hidden, weight, bias, targets, lse, grad_loss * token_coeff, ctx.token_options,
+                             ctx.needs_input_grad[:3])
+    return (*grads, *([None] * (len(ctx.needs_input_grad) - 3)))
 
 
 _fused_linear_kto.register_autograd(_backward, setup_context=_setup_context)
@@ -164,16 +173,19 @@ def fused_linear_kto_loss(
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, D], got {tuple(getattr(hidden, 'shape', ()))}")
     batch, seq = hidden.shape[:2]
-    hidden2d, weight, bias, flat_targets, op = prepare_linear_inputs(
+    hidden2d, weight, bias, flat_targets, token_options = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
-        temperature=temperature, impl=impl, with_stats=True, check_targets=check_targets,
+        temperature=temperature, impl=impl, return_stats=True, check_targets=check_targets,
         check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps)
     labels = as_bool_labels(labels, batch, hidden.device)
-    _check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)
-    z0 = _kl_value(kl, loss_type, ref_logps.float())
+    check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)
+    z0 = reference_point(kl, loss_type, ref_logps.to(accumulation_dtype(hidden2d.dtype)))
+    kto_options = KTOOptions(seq=seq, beta=float(beta), desirable_weight=float(desirable_weight),
+                             undesirable_weight=float(undesirable_weight), average_log_prob=bool(average_log_prob),
+                             saturation_threshold=float(saturation_threshold))
     loss, losses, policy_logps, rewards, sums, _, _ = _fused_linear_kto(
-        hidden2d, weight, bias, flat_targets, labels, ref_logps.detach(), z0, *spec_args(op), seq, float(beta),
-        float(desirable_weight), float(undesirable_weight), bool(average_log_prob), float(saturation_threshold))
+        hidden2d, weight, bias, flat_targets, labels, ref_logps.detach(), z0, opts.encode(token_options),
+        opts.encode(kto_options))
     losses, policy_logps, rewards, sums = (t.detach() for t in (losses, policy_logps, rewards, sums))
     return KTOOutput(loss=loss, losses=losses, kl=z0, policy_logps=policy_logps, rewards=rewards, labels=labels,
                      metrics=metrics_from_sums(sums, z0, with_token_stats=True))

@@ -6,9 +6,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._dispatch import prepare_linear_inputs
-from ._ops import token_logprobs
-from ._reduction import check_reduction, reduce_last_dim
+from .inputs import prepare_linear_inputs
+from .reduction import check_reduction, reduce_last_dim
+from .token_op import token_logprobs
 
 
 class LinearLogProbs(NamedTuple):
@@ -72,11 +72,11 @@ def linear_logprobs(
     projection runs in the autocast dtype.
     """
     check_reduction(reduction)
-    hidden2d, weight, bias, flat_targets, spec = prepare_linear_inputs(
+    hidden2d, weight, bias, flat_targets, options = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
-        temperature=temperature, impl=impl, with_stats=return_stats, check_targets=check_targets,
+        temperature=temperature, impl=impl, return_stats=return_stats, check_targets=check_targets,
         check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps)
-    logps, entropy, mean_logit = token_logprobs(hidden2d, weight, bias, flat_targets, spec)
+    logps, entropy, mean_logit = token_logprobs(hidden2d, weight, bias, flat_targets, options)
     valid = targets != ignore_index
     logps = reduce_last_dim(logps.view(targets.shape), valid, reduction)
     if not return_stats:

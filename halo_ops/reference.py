@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._reduction import check_reduction, reduce_last_dim
+from .reduction import check_reduction, reduce_last_dim
 from .transform import LogitTransform
 
 

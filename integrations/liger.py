@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..fused_kto import fused_linear_kto_loss
-from ..linear_logprobs import linear_logprobs
+from .. import fused_linear_kto_loss, linear_logprobs
 
 
 def _logits_sums(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):

@@ -28,10 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._zero3 import gathered
-from ..fused_kto import fused_linear_kto_loss
-from ..kto import KTOOutput
-from ..linear_logprobs import linear_logprobs
+from .. import KTOOutput, fused_linear_kto_loss, linear_logprobs
+from ..zero3 import gathered
 
 try:
     from transformers.utils import ModelOutput
@@ -125,7 +123,7 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ..
     original_forward = model.forward
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     transform = logit_transform_from_config(model.config)
-    with_stats = "entropy" in outputs or "mean_logits" in outputs
+    return_stats = "entropy" in outputs or "mean_logits" in outputs
 
     # Keep the original signature: `generate` validates its model kwargs against it
     @functools.wraps(type(model).forward)
@@ -159,9 +157,9 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ..
                                                 bias=bias, temperature=temperature, **transform, **kto)
                 # The KTO loss alone: a trainer adds router_aux_loss_coef · aux_loss itself, as TRL's does
                 return FusedCausalLMOutput(loss=kto_out.loss, label_mask=mask, aux_loss=aux_loss, kto=kto_out)
-            out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature, return_stats=with_stats,
+            out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature, return_stats=return_stats,
                                   **transform)
-        log_probs = out.logps if with_stats else out
+        log_probs = out.logps if return_stats else out
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / denominator
         if aux_loss is not None:

@@ -17,7 +17,7 @@ import functools
 import torch
 from trl import KTOTrainer
 
-from ..kto import kto_kl
+from .. import kto_kl
 from .transformers import add_fused_lm_head
 
 # The model-input keys TRL 1.16's KTOTrainer strips before calling the model

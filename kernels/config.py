@@ -122,15 +122,6 @@ def launch_options(config: BlockConfig) -> dict:
     }
 
 
-def transform_args(logit_scale: float, softcap: float | None, temperature: float) -> dict:
-    return {
-        "logit_scale": float(logit_scale),
-        "softcap": float(softcap) if softcap is not None else 1.0,
-        "inv_temperature": 1.0 / float(temperature),
-        "HAS_SOFTCAP": softcap is not None,
-    }
-
-
 def vocab_splits(n_tokens: int, vocab: int, config: BlockConfig, device: torch.device) -> int:
     """Split the vocabulary across programs when there are too few token blocks to fill the device."""
     if device.type != "cuda":

@@ -6,7 +6,8 @@ and z0' = z0 (kto) or 0 (apo_zero_unpaired):
 
     x_i = s β (logp_i − ref_i − z0'),   loss_i = w σ(−x_i),   c_i = dL/dlogp_i = −w s β σ(x_i) σ(−x_i) / B
 
-The sums vector follows ``halo_ops.kto.SUM_KEYS``.
+The sums vector follows ``halo_ops.losses.kto.SUM_KEYS``; the same formulas in PyTorch are
+``halo_ops.losses.kto.kto_terms``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ def kto_sequence_kernel(
     z0 = 0.0
     if HAS_KL:
         z0 = tl.load(kl_ptr).to(tl.float32)
+    # One running per-lane sum per entry of the sums vector (halo_ops.losses.kto.SUM_KEYS order)
     zeros = tl.zeros((BLOCK,), tl.float32)
-    a_loss, a_nc, a_nr, a_rc, a_rr, a_lc, a_lr = zeros, zeros, zeros, zeros, zeros, zeros, zeros
-    a_zc, a_zr, a_tc, a_tr, a_ent = zeros, zeros, zeros, zeros, zeros
+    sum_loss, n_chosen, n_rejected, reward_chosen, reward_rejected = zeros, zeros, zeros, zeros, zeros
+    logp_chosen, logp_rejected, logit_chosen, logit_rejected = zeros, zeros, zeros, zeros
+    tokens_chosen, tokens_rejected, entropy = zeros, zeros, zeros
     for start in range(0, B, BLOCK):
         o = start + tl.arange(0, BLOCK)
         m = o < B
@@ -51,33 +54,33 @@ def kto_sequence_kernel(
         tl.store(losses_ptr + o, b_loss, mask=m)
         tl.store(coeff_ptr + o, b_coeff, mask=m)
         tl.store(rewards_ptr + o, b_reward, mask=m)
-        a_loss += b_loss
-        a_nc += b_chosen.to(tl.float32)
-        a_nr += b_rejected.to(tl.float32)
-        a_rc += tl.where(b_chosen, b_reward, 0.0)
-        a_rr += tl.where(b_rejected, b_reward, 0.0)
-        a_lc += tl.where(b_chosen, b_logp, 0.0)
-        a_lr += tl.where(b_rejected, b_logp, 0.0)
+        sum_loss += b_loss
+        n_chosen += b_chosen.to(tl.float32)
+        n_rejected += b_rejected.to(tl.float32)
+        reward_chosen += tl.where(b_chosen, b_reward, 0.0)
+        reward_rejected += tl.where(b_rejected, b_reward, 0.0)
+        logp_chosen += tl.where(b_chosen, b_logp, 0.0)
+        logp_rejected += tl.where(b_rejected, b_logp, 0.0)
         if HAS_TOKEN_STATS:
-            b_z = tl.load(logit_sums_ptr + o, mask=m, other=0.0)
-            b_t = tl.load(token_counts_ptr + o, mask=m, other=0.0)
-            a_zc += tl.where(b_chosen, b_z, 0.0)
-            a_zr += tl.where(b_rejected, b_z, 0.0)
-            a_tc += tl.where(b_chosen, b_t, 0.0)
-            a_tr += tl.where(b_rejected, b_t, 0.0)
-            a_ent += tl.load(entropy_sums_ptr + o, mask=m, other=0.0)
-    tl.store(sums_ptr + 0, tl.sum(a_loss, axis=0))
-    tl.store(sums_ptr + 1, tl.sum(a_nc, axis=0))
-    tl.store(sums_ptr + 2, tl.sum(a_nr, axis=0))
-    tl.store(sums_ptr + 3, tl.sum(a_rc, axis=0))
-    tl.store(sums_ptr + 4, tl.sum(a_rr, axis=0))
-    tl.store(sums_ptr + 5, tl.sum(a_lc, axis=0))
-    tl.store(sums_ptr + 6, tl.sum(a_lr, axis=0))
-    tl.store(sums_ptr + 7, tl.sum(a_zc, axis=0))
-    tl.store(sums_ptr + 8, tl.sum(a_zr, axis=0))
-    tl.store(sums_ptr + 9, tl.sum(a_tc, axis=0))
-    tl.store(sums_ptr + 10, tl.sum(a_tr, axis=0))
-    tl.store(sums_ptr + 11, tl.sum(a_ent, axis=0))
+            b_logit_sum = tl.load(logit_sums_ptr + o, mask=m, other=0.0)
+            b_tokens = tl.load(token_counts_ptr + o, mask=m, other=0.0)
+            logit_chosen += tl.where(b_chosen, b_logit_sum, 0.0)
+            logit_rejected += tl.where(b_rejected, b_logit_sum, 0.0)
+            tokens_chosen += tl.where(b_chosen, b_tokens, 0.0)
+            tokens_rejected += tl.where(b_rejected, b_tokens, 0.0)
+            entropy += tl.load(entropy_sums_ptr + o, mask=m, other=0.0)
+    tl.store(sums_ptr + 0, tl.sum(sum_loss, axis=0))
+    tl.store(sums_ptr + 1, tl.sum(n_chosen, axis=0))
+    tl.store(sums_ptr + 2, tl.sum(n_rejected, axis=0))
+    tl.store(sums_ptr + 3, tl.sum(reward_chosen, axis=0))
+    tl.store(sums_ptr + 4, tl.sum(reward_rejected, axis=0))
+    tl.store(sums_ptr + 5, tl.sum(logp_chosen, axis=0))
+    tl.store(sums_ptr + 6, tl.sum(logp_rejected, axis=0))
+    tl.store(sums_ptr + 7, tl.sum(logit_chosen, axis=0))
+    tl.store(sums_ptr + 8, tl.sum(logit_rejected, axis=0))
+    tl.store(sums_ptr + 9, tl.sum(tokens_chosen, axis=0))
+    tl.store(sums_ptr + 10, tl.sum(tokens_rejected, axis=0))
+    tl.store(sums_ptr + 11, tl.sum(entropy, axis=0))
 
 
 def kto_sequence_terms(

@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import BlockConfig, device_arch, dot_options, launch_options, select_config, transform_args
-from .tiles import logit_transform, logit_transform_grad, projection_tile
+from .config import BlockConfig, device_arch, dot_options, launch_options, select_config
+from .tiles import projection_tile
+from .transform import logit_transform, logit_transform_grad, transform_args
 
 
 @triton.jit
@@ -33,14 +34,14 @@ def dlogits_tile(
 ):
     """dL/dy for one [BLOCK_N, BLOCK_V] tile: g · (onehot − p) · dz/dy with p = exp(z − lse), 0 outside the
     problem; with HAS_FILTER, p < filter_eps is taken as 0 (gradient filtering)."""
-    b_t = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
+    b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
     b_lse = tl.load(lse_ptr + o_n, mask=m_n, other=float("inf"))
     b_y = projection_tile(
         h_ptr, w_ptr, bias_ptr, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
         HAS_BIAS, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
     b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-    b_onehot = tl.where(o_v[None, :] == b_t[:, None], 1.0, 0.0)
+    b_onehot = tl.where(o_v[None, :] == b_target[:, None], 1.0, 0.0)
     b_p = tl.exp(b_z - b_lse[:, None])
     if HAS_FILTER:
         b_p = tl.where(b_p >= filter_eps, b_p, 0.0)
@@ -200,19 +201,6 @@ def linear_logprobs_bwd_dw_kernel(
         tl.store(db_ptr + o_v, b_db, mask=m_v)
 
 
-# fp32 dW accumulator per vocabulary slice when the weight is bf16/fp16: the backward runs slice by
-# slice and casts each into the output, so no fp32 [V, D] copy of dW exists (2 GiB at V=128256, D=4096).
-ACCUMULATOR_BYTES = 2**28
-
-
-def vocab_slice_rows(vocab: int, dim: int, weight_dtype: torch.dtype) -> int:
-    """Rows per vocabulary slice: all of them for fp32 weights (dW accumulates in place), else as many
-    as ACCUMULATOR_BYTES of fp32 holds, in multiples of 256 (every BLOCK_V divides it)."""
-    if weight_dtype == torch.float32:
-        return vocab
-    return min(vocab, max(256, ACCUMULATOR_BYTES // (4 * dim) // 256 * 256))
-
-
 def linear_logprobs_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -220,33 +208,33 @@ def linear_logprobs_backward(
     targets: torch.Tensor,
     lse: torch.Tensor,
     grad_logps: torch.Tensor,
-    *,
-    logit_scale: float,
-    softcap: float | None,
-    temperature: float,
+    options,
     needs: tuple[bool, bool, bool],
-    deterministic: bool = False,
-    grad_filter_eps: float = 0.0,
+    *,
+    slice_rows: int | None = None,
     config: BlockConfig | None = None,
 ):
-    """Gradients of Σ_t grad_logps[t] · logps[t] for (hidden, weight, bias), None where not needed.
+    """fp32 accumulators of the gradients of Σ_t grad_logps[t] · logps[t] for (hidden, weight, bias).
 
-    grad_logps [N] fp32 is 0 at ignored targets. Accumulates in fp32 and returns the inputs' dtypes.
-    dW is computed one vocabulary slice at a time (``vocab_slice_rows``), each slice accumulated in
-    fp32 and cast into the output, so the extra memory is fp32 dH [N, D] plus one slice.
-    ``deterministic``: instead of one tile-parallel pass with fp32 atomics (three GEMMs' work, sums in
-    a run-dependent order), two owner-computes passes, one for dH and one for dW and db, that write
-    each row in a fixed order (four GEMMs' work: the logits are recomputed once more).
-    ``grad_filter_eps`` > 0 takes softmax probabilities below it as 0 in dL/dz = g · (onehot − p); tiles
-    left all zero (no target, every p below it) skip their GEMMs. ``config``: block sizes, warps and
-    stages for every kernel launched (default: each kernel's tuned or default config).
+    ``options``: a ``halo_ops.options.TokenOptions`` (transform, deterministic, grad_filter_eps are read).
+    ``grad_logps`` [N] fp32 is 0 at ignored targets. None where ``needs`` says no (db also without a bias).
+    ``slice_rows`` < V: dW is computed that many vocabulary rows at a time, each slice accumulated in
+    fp32 and copied into a dW in the weight's dtype, so the extra memory is fp32 dH [N, D] plus one
+    slice; the token op picks it (``halo_ops.token_op.weight_slice_rows``). Default: one slice.
+    ``options.deterministic``: instead of one tile-parallel pass with fp32 atomics (three GEMMs' work,
+    sums in a run-dependent order), two owner-computes passes, one for dH and one for dW and db, that
+    write each row in a fixed order (four GEMMs' work: the logits are recomputed once more).
+    ``options.grad_filter_eps`` > 0 takes softmax probabilities below it as 0 in dL/dz = g · (onehot − p);
+    tiles left all zero (no target, every p below it) skip their GEMMs. ``config``: block sizes, warps
+    and stages for every kernel launched (default: each kernel's tuned or default config).
     """
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     needs_h, needs_w, needs_b = needs
     needs_b = needs_b and bias is not None
+    deterministic, eps = options.deterministic, float(options.grad_filter_eps)
     f32 = {"dtype": torch.float32, "device": hidden.device}
-    rows = vocab_slice_rows(vocab, dim, weight.dtype) if needs_w else vocab
+    rows = min(slice_rows or vocab, vocab) if needs_w else vocab
     sliced = rows < vocab
     grad_h = torch.zeros((n_tokens, dim), **f32) if needs_h else None
     grad_b = torch.zeros((vocab,), **f32) if needs_b else None
@@ -267,8 +255,7 @@ def linear_logprobs_backward(
                 hidden, weight[v0:v1], None if bias is None else bias[v0:v1], targets - v0 if v0 else targets,
                 lse, grad_logps, *outputs,
                 n_tokens, v1 - v0, dim, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                temperature=float(temperature), filter_eps=float(grad_filter_eps), HAS_FILTER=grad_filter_eps > 0,
-                **transform_args(logit_scale, softcap, temperature),
+                filter_eps=eps, HAS_FILTER=eps > 0, **transform_args(options.transform),
                 **dot_options(hidden.dtype), **launch_options(cfg), **flags,
             )
 
@@ -288,8 +275,4 @@ def linear_logprobs_backward(
                        COMPUTE_DH=needs_h, COMPUTE_DW=needs_w, COMPUTE_DB=needs_b)
             if sliced:
                 grad_w[v0:v1].copy_(dw)
-
-    def cast(grad, like):
-        return None if grad is None else grad.to(like.dtype)
-
-    return cast(grad_h, hidden), cast(grad_w, weight), cast(grad_b, bias)
+    return grad_h, grad_w, grad_b

@@ -1,4 +1,4 @@
-"""@triton.jit building blocks shared by the forward and backward kernels.
+"""The projection tile every kernel starts from (the logit transform is in ``transform.py``).
 
 Naming (fla-org style): ``b_`` blocks, ``p_`` pointers, ``o_`` offsets, ``m_`` masks.
 """
@@ -32,28 +32,3 @@ def projection_tile(
     if HAS_BIAS:
         b_y += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
     return b_y
-
-
-@triton.jit
-def tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
-    """z = softcap · tanh(logit_scale · y / softcap) / temperature (softcap optional)."""
-    b_z = b_y * logit_scale
-    if HAS_SOFTCAP:
-        b_z = softcap * tanh(b_z / softcap)
-    return b_z * inv_temperature
-
-
-@triton.jit
-def logit_transform_grad(b_z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP: tl.constexpr):
-    """dz/dy from the transformed z: logit_scale · (1 − tanh²) / temperature, tanh = z · temperature / softcap."""
-    scale = logit_scale * inv_temperature
-    if HAS_SOFTCAP:
-        b_t = b_z * (temperature / softcap)
-        return scale * (1.0 - b_t * b_t)
-    else:
-        return tl.full(b_z.shape, 1.0, tl.float32) * scale

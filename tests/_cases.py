@@ -103,3 +103,23 @@ def check_case(case: Case, impl: str, stats: bool = True):
         assert g.dtype == x.dtype and g.shape == x.shape, name
         assert_close_to_exact(g, p, e, case.dtype, f"d{name}")
     return fast
+
+
+def token_options(*, impl="triton", ignore_index=-100, logit_scale=1.0, softcap=None, temperature=1.0,
+                  return_stats=False, deterministic=False, grad_filter_eps=0.0):
+    """The TokenOptions the public functions would build from these keywords (for calling launchers directly)."""
+    from halo_ops.options import TokenOptions
+    from halo_ops.transform import LogitTransform
+
+    return TokenOptions(impl=impl, transform=LogitTransform(logit_scale, softcap, temperature),
+                        ignore_index=ignore_index, return_stats=return_stats, deterministic=deterministic,
+                        grad_filter_eps=grad_filter_eps)
+
+
+def triton_forward(hidden, weight, bias, targets, options, **launch):
+    """The Triton forward launcher's partials, merged as the token op merges them: (logps, lse, entropy, mean_logit)."""
+    from halo_ops.kernels import linear_logprobs_forward
+    from halo_ops.partials import merge_partials
+
+    partials = linear_logprobs_forward(hidden, weight, bias, targets, options, **launch)
+    return merge_partials(partials, targets != options.ignore_index, weight.shape[0])

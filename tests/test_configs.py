@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
+from halo_ops.kernels import BlockConfig, linear_logprobs_backward
 from halo_ops.kernels import config as kconfig
+
+from ._cases import token_options, triton_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNED = BlockConfig(block_n=16, block_v=32, block_d=16, num_warps=1, num_stages=1)
@@ -86,14 +88,11 @@ def test_launchers_take_each_kernels_config_from_the_table(tmp_path, monkeypatch
     weight = torch.randn(70, 24, generator=gen).to(device)
     targets = torch.randint(0, 70, (40,), generator=gen).to(device)
     grad = torch.randn(40, generator=gen).to(device)
-    kw = {"logit_scale": 1.0, "softcap": None, "temperature": 1.0}
-
     def run():
-        logps, lse, _, _ = linear_logprobs_forward(hidden, weight, None, targets, ignore_index=-100,
-                                                   with_stats=False, **kw)
-        atomic = linear_logprobs_backward(hidden, weight, None, targets, lse, grad, needs=(True, True, False), **kw)
-        owned = linear_logprobs_backward(hidden, weight, None, targets, lse, grad, needs=(True, True, False),
-                                         deterministic=True, **kw)
+        logps, lse, _, _ = triton_forward(hidden, weight, None, targets, token_options())
+        atomic = linear_logprobs_backward(hidden, weight, None, targets, lse, grad, token_options(), (True, True, False))
+        owned = linear_logprobs_backward(hidden, weight, None, targets, lse, grad, token_options(deterministic=True),
+                                         (True, True, False))
         return logps, *atomic[:2], *owned[:2]
 
     expected = run()

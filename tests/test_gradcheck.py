@@ -28,3 +28,30 @@ def test_gradcheck_torch_path(reduction, options, with_bias, monkeypatch):
         return linear_logprobs(h, w, targets, b, impl="torch", reduction=reduction, **options)
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("average_log_prob", [False, True])
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_gradcheck_fused_kto_float64(average_log_prob, loss_type, monkeypatch):
+    """float64 stays float64 end to end in the fused KTO op (sequence terms and coefficients included),
+    so its gradients pass gradcheck's float64 tolerances, and its outputs are float64."""
+    from halo_ops import fused_linear_kto_loss
+
+    monkeypatch.setattr(chunked, "TOKEN_CHUNK", 4)
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 4 * 7)
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(13, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(13, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 13, (3, 4), generator=gen)
+    targets[:, 0] = -100
+    labels = torch.tensor([True, False, True])
+    ref_logps = torch.randn(3, dtype=torch.float64, generator=gen) - 8
+
+    def fn(h, w, b):
+        return fused_linear_kto_loss(h, w, targets, labels, ref_logps, bias=b, kl=0.3, beta=0.7, impl="torch",
+                                     desirable_weight=1.3, loss_type=loss_type, average_log_prob=average_log_prob).loss
+
+    out = fused_linear_kto_loss(hidden, weight, targets, labels, ref_logps, bias=bias, impl="torch")
+    assert {t.dtype for t in (out.loss, out.losses, out.policy_logps, out.rewards)} == {torch.float64}
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))

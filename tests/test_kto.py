@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from halo_ops import FusedLinearKTOLoss, fused_linear_kto_loss, kto_kl, kto_loss, linear_logprobs_reference
-from halo_ops.kto import SUM_KEYS
+from halo_ops.losses.kto import SUM_KEYS
 
 from ._kto_reference import trl_kto
 from .conftest import DEVICE, DTYPES, IMPLS
@@ -322,7 +322,7 @@ def test_sequence_kernel_matches_torch_autograd():
     torch.testing.assert_close(losses.double(), out.losses.detach(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(coeff.double(), logps.grad, atol=1e-9, rtol=1e-5)
     torch.testing.assert_close(rewards.double(), out.rewards, atol=1e-5, rtol=1e-5)
-    from halo_ops.kto import metric_sums
+    from halo_ops.losses.kto import metric_sums
 
     expected = metric_sums(out.losses, out.policy_logps, out.rewards, labels, *stats)
     torch.testing.assert_close(sums, expected.float(), atol=1e-3, rtol=1e-5)
@@ -346,12 +346,13 @@ def test_fused_kto_backward_switches(impl, switch):
 
 @given(c=kto_case)
 def test_closed_form_coefficient_is_the_gradient(c):
-    """kto_losses' closed-form dloss/dlogp (the PyTorch path's backward coefficient) equals autograd's."""
-    from halo_ops.kto import kto_losses
+    """kto_terms' closed-form dloss/dlogp (the PyTorch path's backward coefficient) equals autograd's."""
+    from halo_ops.losses.kto import kto_terms
 
     policy, ref, labels = _sequence_inputs(c)
     kl = torch.tensor(0.0 if c["kl"] is None or c["loss_type"] != "kto" else max(c["kl"], 0.0), dtype=torch.float64)
     logps = policy.clone().requires_grad_()
-    _, loss, coeff = kto_losses(logps, ref, labels, kl, c["beta"], c["desirable_weight"], c["undesirable_weight"])
+    losses, coeff, _ = kto_terms(logps, ref, labels, kl, c["beta"], c["desirable_weight"], c["undesirable_weight"])
+    loss = losses.sum() / max(losses.shape[0], 1)
     loss.backward()
     torch.testing.assert_close(coeff, logps.grad, atol=1e-15, rtol=1e-10)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from halo_ops import linear_logprobs, linear_logprobs_reference
 
-from ._cases import Case, assert_close_to_exact, check_case
+from ._cases import Case, assert_close_to_exact, check_case, token_options, triton_forward
 from .conftest import DEVICE, DTYPES, IMPLS
 
 OPTIONS = {
@@ -182,26 +182,26 @@ def test_property_matches_float64_reference(impl, case):
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("splits", [1, 2, 5])
-@pytest.mark.parametrize("with_stats", [False, True])
-def test_triton_small_blocks_and_vocab_splits(splits, with_stats, deterministic):
+@pytest.mark.parametrize("return_stats", [False, True])
+def test_triton_small_blocks_and_vocab_splits(splits, return_stats, deterministic):
     """Blocks far smaller than the problem, V not a multiple of any tile, vocab split across programs."""
-    from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
+    from halo_ops.kernels import BlockConfig, linear_logprobs_backward
 
     config = BlockConfig(block_n=16, block_v=32, block_d=16)
     case = Case(batch=1, seq=71, dim=45, vocab=203, bias=True, softcap=3.0, ignore_frac=0.3)
     hidden, weight, bias, targets, upstream = case.inputs()
     hidden, targets, upstream = hidden[0], targets[0], upstream[0]
-    kwargs = {"ignore_index": -100, "logit_scale": 1.0, "softcap": 3.0, "temperature": 1.0}
-    logps, lse, entropy, mean_logit = linear_logprobs_forward(
-        hidden, weight, bias, targets, with_stats=with_stats, config=config, splits=splits, **kwargs)
+    options = token_options(softcap=3.0, return_stats=return_stats, deterministic=deterministic)
+    logps, lse, entropy, mean_logit = triton_forward(hidden, weight, bias, targets, options, config=config,
+                                                     splits=splits)
     exact = linear_logprobs_reference(hidden.double(), weight.double(), targets, bias.double(), softcap=3.0)
     torch.testing.assert_close(logps.double(), exact.logps, atol=2e-5, rtol=0)
-    if with_stats:
+    if return_stats:
         torch.testing.assert_close(entropy.double(), exact.entropy, atol=2e-5, rtol=0)
         torch.testing.assert_close(mean_logit.double(), exact.mean_logit, atol=2e-5, rtol=0)
     grad = torch.where(targets != -100, upstream, 0.0).float()
-    grads = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, needs=(True, True, True),
-                                     config=config, deterministic=deterministic, **{k: v for k, v in kwargs.items() if k != "ignore_index"})
+    grads = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, options, (True, True, True),
+                                     config=config)
     leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
     out = linear_logprobs_reference(leaves[0], leaves[1], targets, leaves[2], softcap=3.0).logps
     exact_grads = torch.autograd.grad((out * upstream.double()).sum(), leaves)
@@ -223,19 +223,17 @@ def test_backward_skips_blocks_with_zero_coefficient():
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
 def test_deterministic_backward_partial_needs(needs):
     """The deterministic kernels compute exactly the requested gradients and match the atomic pass."""
-    from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
+    from halo_ops.kernels import BlockConfig, linear_logprobs_backward
 
     config = BlockConfig(block_n=16, block_v=32, block_d=16)
     case = Case(batch=1, seq=50, dim=20, vocab=77, bias=True)
     hidden, weight, bias, targets, upstream = case.inputs()
     hidden, targets, upstream = hidden[0], targets[0], upstream[0]
-    transform = {"logit_scale": 1.0, "softcap": None, "temperature": 1.0}
-    _, lse, _, _ = linear_logprobs_forward(hidden, weight, bias, targets, ignore_index=-100, with_stats=False,
-                                           config=config, **transform)
+    _, lse, _, _ = triton_forward(hidden, weight, bias, targets, token_options(), config=config)
     grad = torch.where(targets != -100, upstream, 0.0).float()
-    atomic = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, needs=needs, config=config, **transform)
-    owned = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, needs=needs, config=config,
-                                     deterministic=True, **transform)
+    atomic = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, token_options(), needs, config=config)
+    owned = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, token_options(deterministic=True), needs,
+                                     config=config)
     for need, a, b in zip(needs, atomic, owned):
         assert (a is None) == (b is None) == (not need)
         if need:
@@ -258,29 +256,23 @@ def test_deterministic_backward_partial_needs(needs):
 def test_half_precision_dw_is_built_slice_by_slice(impl, dtype, needs, deterministic, monkeypatch):
     """With a half-precision weight, dW is accumulated in fp32 one vocabulary slice at a time and cast
     into the output: the same gradients as one slice, and no fp32 buffer of more than a slice of W."""
-    from halo_ops import _dispatch, chunked
-    from halo_ops.transform import LogitTransform
+    from halo_ops import chunked, token_op
 
     case = Case(batch=1, seq=40, dim=32, vocab=700, bias=True, softcap=3.0, ignore_frac=0.2, dtype=dtype)
     hidden, weight, bias, targets, upstream = case.inputs()
     hidden, targets, upstream = hidden[0], targets[0], upstream[0]
-    spec = _dispatch.OpSpec(impl, LogitTransform(softcap=3.0), -100, False, deterministic)
-    _, lse, _, _ = _dispatch.forward_tokens(spec, hidden, weight, bias, targets)
+    options = token_options(impl=impl, softcap=3.0, deterministic=deterministic)
+    _, lse, _, _ = token_op.forward_tokens(options, hidden, weight, bias, targets)
 
     def backward():
-        return _dispatch.backward_tokens(spec, hidden, weight, bias, targets, lse, upstream.float(), needs)
+        return token_op.backward_tokens(options, hidden, weight, bias, targets, lse, upstream.float(), needs)
 
     whole = backward()
     slice_bytes = 256 * 32 * 4  # 256 rows of fp32: slices of 256, 256 and 188 rows
-    if impl == "triton":
-        from halo_ops.kernels import linear_logprobs_bwd
-
-        monkeypatch.setattr(linear_logprobs_bwd, "ACCUMULATOR_BYTES", slice_bytes)
-        assert linear_logprobs_bwd.vocab_slice_rows(700, 32, dtype) == 256
-    else:
+    monkeypatch.setattr(token_op, "ACCUMULATOR_BYTES", slice_bytes)
+    assert token_op.weight_slice_rows(700, 32, dtype) == 256
+    if impl == "torch":
         monkeypatch.setattr(chunked, "TILE_ELEMENTS", chunked.TOKEN_CHUNK * 128)  # vocabulary chunks of 128
-        monkeypatch.setattr(chunked, "ACCUMULATOR_BYTES", slice_bytes)
-        assert chunked._weight_slice_rows(700, 32, 128, dtype) == 256
     fp32_allocations = []
     real_zeros = torch.zeros
 

@@ -78,3 +78,13 @@ def check_linear_inputs(
                 kinds = [k for k, present in (("NaN", torch.isnan(tensor).any()), ("inf", torch.isinf(tensor).any()))
                          if bool(present)]
                 raise ValueError(f"{name} contains {' and '.join(kinds)} values")
+
+
+def check_sequence_tensor(name: str, tensor: torch.Tensor, batch: int, device: torch.device) -> None:
+    """A per-sequence input of a loss: a floating-point ``[B]`` tensor on the log-probs' device."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor")
+    if tuple(tensor.shape) != (batch,):
+        raise ValueError(f"{name} must have shape [B={batch}], got {tuple(tensor.shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but the policy log-probs are on {device}")

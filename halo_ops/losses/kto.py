@@ -11,6 +11,7 @@ log-prob ``ref_i`` and label ``desirable_i``:
 
 Both loss types are ``w_i · σ(−x_i)`` with ``x_i = s_i β (r_i − z0')``, ``s_i = ±1`` for desirable /
 undesirable and ``z0' = z0`` (kto) or 0 (apo), so ``dloss_i/dlogp_i = −w_i s_i β σ(x_i) σ(−x_i)``.
+``kto_terms`` is the PyTorch home of these formulas; ``halo_ops.kernels.kto_sequence`` is the Triton one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from ..validation import check_sequence_tensor
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -92,16 +95,7 @@ def as_bool_labels(labels, batch: int, device: torch.device, *, check_values: bo
     return labels != 0
 
 
-def _check_sequence_tensor(name: str, tensor: torch.Tensor, batch: int, device: torch.device) -> None:
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor")
-    if tuple(tensor.shape) != (batch,):
-        raise ValueError(f"{name} must have shape [B={batch}], got {tuple(tensor.shape)}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but the policy log-probs are on {device}")
-
-
-def _kl_value(kl, loss_type: str, like: torch.Tensor) -> torch.Tensor:
+def reference_point(kl, loss_type: str, like: torch.Tensor) -> torch.Tensor:
     """z0 as a detached 0-d tensor: the given reference point for kto, 0 for apo_zero_unpaired or None."""
     if kl is None or loss_type == "apo_zero_unpaired":
         return like.new_zeros(())
@@ -111,21 +105,25 @@ def _kl_value(kl, loss_type: str, like: torch.Tensor) -> torch.Tensor:
     return kl.reshape(())
 
 
-def kto_losses(policy_logps, ref_logps, labels, kl, beta, desirable_weight, undesirable_weight):
-    """Per-sequence weighted losses, the batch loss, and dloss/dlogp_i in closed form.
+def kto_terms(policy_logps, ref_logps, labels, kl, beta, desirable_weight, undesirable_weight):
+    """Per-sequence weighted losses, dloss/dlogp_i in closed form, and rewards, in the log-probs' dtype.
 
     Differentiable in policy_logps. ``kl`` is z0 as a 0-d tensor (already 0 for apo_zero_unpaired).
-    Returns (losses [B], loss, coeff [B]) with coeff_i = −w_i s_i β σ(x_i) σ(−x_i) / B (detached).
+    Returns (losses [B], coeff [B], rewards [B]): the batch loss is ``losses.sum() / max(B, 1)``,
+    coeff_i = −w_i s_i β σ(x_i) σ(−x_i) / max(B, 1) is its gradient (detached), rewards = β (logp − ref)
+    (detached).
     """
     # Built in the log-probs' dtype: a Python-float torch.where would round the weights to float32
     new = policy_logps.new_tensor
     sign = torch.where(labels, new(1.0), new(-1.0))
     weight = torch.where(labels, new(float(desirable_weight)), new(float(undesirable_weight)))
-    x = sign * beta * (policy_logps - ref_logps.detach() - kl)
+    ref_logps = ref_logps.detach().to(policy_logps.dtype)
+    x = sign * beta * (policy_logps - ref_logps - kl.to(policy_logps.dtype))
     losses = weight * torch.sigmoid(-x)
     batch = max(policy_logps.shape[0], 1)
     coeff = (-weight * sign * beta * torch.sigmoid(x) * torch.sigmoid(-x) / batch).detach()
-    return losses, losses.sum() / batch, coeff
+    rewards = (beta * (policy_logps - ref_logps)).detach()
+    return losses, coeff, rewards
 
 
 def metric_sums(losses, policy_logps, rewards, labels, logit_sums=None, token_counts=None, entropy_sums=None):
@@ -207,12 +205,12 @@ def kto_loss(
     if not isinstance(policy_logps, torch.Tensor) or policy_logps.dim() != 1:
         raise ValueError("policy_logps must be a 1-D tensor [B] of per-sequence log-probs")
     batch, device = policy_logps.shape[0], policy_logps.device
-    _check_sequence_tensor("policy_logps", policy_logps, batch, device)
-    _check_sequence_tensor("ref_logps", ref_logps, batch, device)
+    check_sequence_tensor("policy_logps", policy_logps, batch, device)
+    check_sequence_tensor("ref_logps", ref_logps, batch, device)
     labels = as_bool_labels(labels, batch, device)
-    z0 = _kl_value(kl, loss_type, policy_logps)
-    losses, loss, _ = kto_losses(policy_logps, ref_logps, labels, z0, beta, desirable_weight, undesirable_weight)
-    rewards = beta * (policy_logps - ref_logps).detach()
+    z0 = reference_point(kl, loss_type, policy_logps)
+    losses, _, rewards = kto_terms(policy_logps, ref_logps, labels, z0, beta, desirable_weight, undesirable_weight)
+    loss = losses.sum() / max(batch, 1)
     with_token_stats = logit_sums is not None and token_counts is not None
     sums = metric_sums(losses, policy_logps, rewards, labels, logit_sums, token_counts)
     return KTOOutput(loss=loss, losses=losses, kl=z0, policy_logps=policy_logps, rewards=rewards, labels=labels,

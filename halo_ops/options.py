@@ -1,0 +1,69 @@
+"""The options of the token op, carried as one object from the public call to the launchers.
+
+``TokenOptions`` holds everything the token op needs besides tensors. The public functions build it,
+``torch.library`` carries it as one string argument (``encode`` / ``decode``: custom ops take no Python
+objects), and the chunked path and the Triton launchers read its fields. The same two functions
+carry any other frozen options dataclass (the fused losses' own options).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+
+import torch
+
+from .transform import LogitTransform
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, else float32: the dtype of every sum, log-prob and gradient accumulator."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenOptions:
+    impl: str  # "triton" or "torch", already resolved (halo_ops.inputs.resolve_impl)
+    transform: LogitTransform = LogitTransform()
+    ignore_index: int = -100
+    return_stats: bool = False  # also per-token entropy and mean logit
+    deterministic: bool = False  # Triton backward without atomics
+    grad_filter_eps: float = 0.0  # softmax probabilities below it count as 0 in the backward
+
+
+def encode(options) -> str:
+    """A frozen options dataclass as a string, the form a custom op's schema accepts: the constructor call
+    that rebuilds it, e.g. ``TokenOptions(impl='torch', transform=LogitTransform(...), ...)``. Plain string
+    formatting, so ``torch.compile`` traces it."""
+    fields = []
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        fields.append(f"{field.name}={encode(value) if dataclasses.is_dataclass(value) else repr(value)}")
+    return type(options).__name__ + "(" + ", ".join(fields) + ")"
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Make an options dataclass decodable by name."""
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def _build(node: ast.expr):
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
+        return _REGISTRY[node.func.id](**{kw.arg: _build(kw.value) for kw in node.keywords})
+    return ast.literal_eval(node)
+
+
+@functools.lru_cache(maxsize=256)
+def decode(text: str):
+    """The options dataclass ``encode`` wrote (registered classes and literals only; cached, since every call
+    of an op decodes one of a few strings)."""
+    return _build(ast.parse(text, mode="eval").body)
+
+
+register(LogitTransform)
+register(TokenOptions)

@@ -1,0 +1,51 @@
+"""Per-token partials over a piece of the vocabulary, and their merge: the one home of the logsumexp merge.
+
+Every path computes, for each token and each piece ``k`` of the vocabulary it visits (a Triton
+vocabulary split, a chunk of the PyTorch path, tomorrow a tensor-parallel shard), with ``z`` the
+transformed logits over that piece:
+
+    m_k = max_v z_v                        s_k = Σ_v exp(z_v − m_k)
+    t_k = z_target if the target is in the piece, else 0
+    u_k = Σ_v exp(z_v − m_k) · (z_v − m_k)  c_k = Σ_v z_v          (u, c only with statistics)
+
+stacked as ``partials [3 or 5, K, N]`` in that order. Merging over the pieces, with M = max_k m_k:
+
+    S = Σ_k s_k e^{m_k − M},   lse = M + log S,   logp = Σ_k t_k − lse
+    U = Σ_k e^{m_k − M} (u_k + s_k (m_k − M)),   entropy = log S − U / S,   mean logit = Σ_k c_k / V
+
+A piece a row never visited holds m = −inf, s = 0; ignored rows come out as logp 0, lse +inf (so a
+backward reads their softmax as 0), entropy and mean logit 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX, SUM_EXP, TARGET_LOGIT, CENTERED_SUM, LOGIT_SUM = range(5)
+
+
+def n_partials(return_stats: bool) -> int:
+    return 5 if return_stats else 3
+
+
+def empty_partials(pieces: int, n_tokens: int, return_stats: bool, dtype, device) -> torch.Tensor:
+    """Partials of rows no piece has visited yet: m = −inf, every sum 0."""
+    partials = torch.zeros((n_partials(return_stats), pieces, n_tokens), dtype=dtype, device=device)
+    partials[MAX] = float("-inf")
+    return partials
+
+
+def merge_partials(partials: torch.Tensor, valid: torch.Tensor, vocab: int):
+    """``partials [3 or 5, K, N]`` → (logps, lse, entropy, mean_logit), each [N]; the stats are None without them."""
+    piece_max = partials[MAX]
+    row_max = piece_max.amax(0)
+    scale = torch.exp(piece_max - row_max)  # [K, N]; NaN only on rows no piece visited, masked below
+    sum_exp = (partials[SUM_EXP] * scale).sum(0)
+    lse = row_max + torch.log(sum_exp)
+    logps = torch.where(valid, partials[TARGET_LOGIT].sum(0) - lse, 0.0)
+    entropy = mean_logit = None
+    if partials.shape[0] == 5:
+        centered = (scale * (partials[CENTERED_SUM] + partials[SUM_EXP] * (piece_max - row_max))).sum(0)
+        entropy = torch.where(valid, torch.log(sum_exp) - centered / sum_exp, 0.0)
+        mean_logit = torch.where(valid, partials[LOGIT_SUM].sum(0) / vocab, 0.0)
+    return logps, torch.where(valid, lse, float("inf")), entropy, mean_logit

@@ -1,0 +1,141 @@
+"""The token op: per-token log-probs of a linear LM head, its backward, and their ``torch.library`` registration.
+
+``forward_tokens`` runs a backend (the chunked PyTorch path or the Triton forward kernel), each giving
+per-piece partials that ``halo_ops.partials`` merges into log-probs, the logsumexp the backward needs
+and the statistics. ``backward_tokens`` runs the backend's backward on one coefficient per token and
+returns gradients in the inputs' dtypes. Both are registered as custom ops (``halo_ops::token_logprobs``
+and ``halo_ops::token_logprobs_backward``) with fake implementations, and autograd is registered on
+the forward, so ``torch.compile`` traces through without a graph break. The options travel as one
+encoded ``TokenOptions`` string (``halo_ops.options``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import options as opts
+from .options import TokenOptions, accumulation_dtype
+from .partials import merge_partials
+from .zero3 import gathered
+
+# A bf16/fp16 weight's gradient is built in vocabulary slices of at most this many bytes of fp32, each cast
+# into the output, so no fp32 copy of the whole [V, D] gradient exists (2 GiB at V=128256, D=4096).
+ACCUMULATOR_BYTES = 1 << 28
+
+
+def weight_slice_rows(vocab: int, dim: int, weight_dtype: torch.dtype) -> int:
+    """Vocabulary rows per dW slice: all of them when dW accumulates in the weight's own dtype (fp32, fp64),
+    else as many as ``ACCUMULATOR_BYTES`` of fp32 hold, in multiples of 256 (every kernel's BLOCK_V divides it)."""
+    if accumulation_dtype(weight_dtype) == weight_dtype:
+        return vocab
+    return min(vocab, max(256, ACCUMULATOR_BYTES // (4 * dim) // 256 * 256))
+
+
+def forward_tokens(options: TokenOptions, hidden, weight, bias, targets):
+    """(logps, lse, entropy, mean_logit), each [N] in the accumulation dtype; the stats are None without
+    ``options.return_stats``. Autocast is off inside; N = 0 is handled."""
+    acc = accumulation_dtype(hidden.dtype)
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=acc)
+        stat = empty.clone() if options.return_stats else None
+        return empty, empty.clone(), stat, None if stat is None else stat.clone()
+    with torch.autocast(hidden.device.type, enabled=False):
+        if options.impl == "torch":
+            from .chunked import chunked_forward as backend
+        else:
+            from .kernels import linear_logprobs_forward as backend
+        partials = backend(hidden, weight, bias, targets, options)
+    return merge_partials(partials.to(acc), targets != options.ignore_index, weight.shape[0])
+
+
+def backward_tokens(options: TokenOptions, hidden, weight, bias, targets, lse, grad_logps, needs):
+    """Gradients of Σ_t grad_logps[t] · logp[t] for (hidden, weight, bias) in their dtypes; None where not needed.
+
+    ``grad_logps`` [N] may be None (no gradient: zeros); it is zeroed at ignored targets here.
+    """
+    needs = (needs[0], needs[1], needs[2] and bias is not None)
+    if grad_logps is None or hidden.shape[0] == 0:
+        return tuple(torch.zeros_like(x) if need else None for x, need in zip((hidden, weight, bias), needs))
+    grad_logps = torch.where(targets != options.ignore_index, grad_logps, 0.0)
+    grad_logps = grad_logps.to(accumulation_dtype(hidden.dtype)).contiguous()
+    slice_rows = weight_slice_rows(*weight.shape, weight.dtype)
+    # ZeRO-3 re-partitions the head after the forward; the recompute needs it whole again
+    with torch.autocast(hidden.device.type, enabled=False), gathered(weight, bias):
+        if options.impl == "torch":
+            from .chunked import chunked_backward as backend
+        else:
+            from .kernels import linear_logprobs_backward as backend
+        grads = backend(hidden, weight, bias, targets, lse, grad_logps, options, needs, slice_rows=slice_rows)
+    return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, (hidden, weight, bias)))
+
+
+@torch.library.custom_op("halo_ops::token_logprobs", mutates_args=())
+def _token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                    options: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logps, lse, entropy, mean_logit) [N]; the stats are empty [0] without return_stats."""
+    logps, lse, entropy, mean_logit = forward_tokens(opts.decode(options), hidden, weight, bias, targets)
+    if entropy is None:
+        entropy, mean_logit = logps.new_empty(0), logps.new_empty(0)
+    return logps, lse, entropy, mean_logit
+
+
+@_token_logprobs.register_fake
+def _(hidden, weight, bias, targets, options):
+    n, dtype = hidden.shape[0], accumulation_dtype(hidden.dtype)
+    stat = n if opts.decode(options).return_stats else 0
+    return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype), hidden.new_empty(stat, dtype=dtype),
+            hidden.new_empty(stat, dtype=dtype))
+
+
+@torch.library.custom_op("halo_ops::token_logprobs_backward", mutates_args=())
+def token_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
+                            grad_logps: Tensor, options: str, needs_hidden: bool, needs_weight: bool,
+                            needs_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for (hidden, weight, bias) of Σ_t grad_logps[t] · logp[t]; empty [0] where not needed."""
+    grads = backward_tokens(opts.decode(options), hidden, weight, bias, targets, lse, grad_logps,
+                            (needs_hidden, needs_weight, needs_bias))
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@token_logprobs_backward.register_fake
+def _(hidden, weight, bias, targets, lse, grad_logps, options, needs_hidden, needs_weight, needs_bias):
+    return (torch.empty_like(hidden) if needs_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if needs_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if needs_bias and bias is not None else hidden.new_empty(0))
+
+
+def projection_grads(hidden, weight, bias, targets, lse, grad_logps, options: str, needs) -> tuple:
+    """The autograd gradients for (hidden, weight, bias) of Σ_t grad_logps[t] · logp[t]: None where not needed.
+
+    The backward of every op built on the token op (the fused losses too) ends here.
+    """
+    grads = token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logps, options, *needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, options = inputs
+    ctx.options = options
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+
+
+def _backward(ctx, grad_logps, *_stat_grads):
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    if grad_logps is None:
+        grad_logps = torch.zeros_like(lse)
+    grads = projection_grads(hidden, weight, bias, targets, lse, grad_logps, ctx.options, ctx.needs_input_grad[:3])
+    return (*grads, None, None)
+
+
+_token_logprobs.register_autograd(_backward, setup_context=_setup_context)
+
+
+def token_logprobs(hidden, weight, bias, targets, options: TokenOptions):
+    """(logps [N], entropy [N] | None, mean_logit [N] | None), differentiable in logps only."""
+    logps, _, entropy, mean_logit = _token_logprobs(hidden, weight, bias, targets, opts.encode(options))
+    if not options.return_stats:
+        return logps, None, None
+    return logps, entropy.detach(), mean_logit.detach()
