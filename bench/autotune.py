@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
-from halo_ops.kernels.config import KERNELS, default_config, device_arch, table_key
+from halo_ops.kernels.config import BACKWARD_SCHEDULES, KERNELS, SCHEDULE, default_config, device_arch, table_key
 from halo_ops.options import TokenOptions
 from halo_ops.partials import merge_partials
 from halo_ops.token_op import weight_slice_rows
@@ -55,26 +55,67 @@ FP32_CANDIDATES = [
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-def kernel_call(kernel: str, hidden, weight, targets, config: BlockConfig):
-    """A no-argument callable that runs ``kernel``'s launcher with ``config`` and returns its outputs."""
-    valid = targets != -100
-
-    def forward():
-        partials = linear_logprobs_forward(hidden, weight, None, targets, TokenOptions("triton"), config=config)
-        return merge_partials(partials, valid, weight.shape[0])[:2]
-
-    if kernel == "forward":
-        return forward
-    lse = merge_partials(linear_logprobs_forward(hidden, weight, None, targets, TokenOptions("triton")), valid,
-                         weight.shape[0])[1]
+def backward_call(schedule: str, needs, hidden, weight, targets, config: BlockConfig | None):
+    """A no-argument callable: the backward launcher by ``schedule``, as the op runs it; returns its gradients."""
+    lse = merge_partials(linear_logprobs_forward(hidden, weight, None, targets, TokenOptions("triton")),
+                         targets != -100, weight.shape[0])[1]
     grad = torch.linspace(-1.0, 1.0, hidden.shape[0], device=hidden.device)
-    needs, deterministic = {"backward": ((True, True, False), False), "backward_dh": ((True, False, False), True),
-                            "backward_dw": ((False, True, False), True)}[kernel]
-    options = TokenOptions("triton", deterministic=deterministic)
-    slice_rows = weight_slice_rows(*weight.shape, weight.dtype)  # as the op runs it
+    options = TokenOptions("triton", schedule=schedule)
+    slice_rows = weight_slice_rows(*weight.shape, weight.dtype)
     return lambda: tuple(g for g in linear_logprobs_backward(
         hidden, weight, None, targets, lse, grad, options, needs, slice_rows=slice_rows, config=config)
         if g is not None)
+
+
+def kernel_call(kernel: str, hidden, weight, targets, config: BlockConfig):
+    """A no-argument callable that runs ``kernel``'s launcher with ``config`` and returns its outputs."""
+    if kernel == "forward":
+        def forward():
+            partials = linear_logprobs_forward(hidden, weight, None, targets, TokenOptions("triton"), config=config)
+            return merge_partials(partials, targets != -100, weight.shape[0])[:2]
+
+        return forward
+    needs, schedule = {"backward": ((True, True, False), "atomic"), "backward_dh": ((True, False, False), "owner"),
+                       "backward_dw": ((False, True, False), "owner"), "slab": ((True, True, False), "slab")}[kernel]
+    return backward_call(schedule, needs, hidden, weight, targets, config)
+
+
+def tune_schedule(shape: Shape, device: torch.device, repeats: int = 3, timer=None) -> list[dict]:
+    """One row per backward schedule: ms of the whole backward and its error against the atomic schedule's
+    result (None and a failure where it does not run). ``timer`` as in ``tune``."""
+    timer = timer or median_seconds
+    hidden, weight, targets = shape.inputs(device, requires_grad=False)
+    calls = {s: backward_call(s, (True, True, False), hidden, weight, targets, None) for s in BACKWARD_SCHEDULES}
+    expected = calls["atomic"]()
+    rows = []
+    for schedule, call in calls.items():
+        call.schedule = schedule
+        row = {"kernel": SCHEDULE, "schedule": schedule, "ms": None, "error": None}
+        try:
+            row["error"] = relative_error(call(), expected)
+        except Exception as exc:  # noqa: BLE001 - a schedule that fails here is a result too
+            row["failure"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+        else:
+            if row["error"] > TOLERANCE[shape.dtype]:
+                row["failure"] = f"result differs from the atomic schedule's by {row['error']:.2e} (relative)"
+            else:
+                row["ms"] = timer(call, device, repeats) * 1e3
+        rows.append(row)
+    return rows
+
+
+def schedule_entry(arch: str, shape: Shape, rows: list[dict], env: dict) -> dict | None:
+    """The table entry naming the fastest correct schedule, with every schedule's time beside it."""
+    timed = [r for r in rows if r["ms"] is not None]
+    if not timed:
+        return None
+    fastest = min(timed, key=lambda r: r["ms"])
+    _, _, dtype, hidden_bucket, vocab_bucket = table_key(SCHEDULE, arch, shape.dtype, shape.hidden, shape.vocab)
+    return {"kernel": SCHEDULE, "arch": arch, "dtype": dtype, "hidden_bucket": hidden_bucket,
+            "vocab_bucket": vocab_bucket, "schedule": fastest["schedule"],
+            "ms": {r["schedule"]: round(r["ms"], 4) for r in timed},
+            "measured_at": {"tokens": shape.tokens, "hidden": shape.hidden, "vocab": shape.vocab},
+            "device": env["device"], "date": env["date"]}
 
 
 def relative_error(result, expected) -> float:
@@ -135,6 +176,13 @@ def markdown(results: list[tuple[Shape, list[dict]]], env: dict) -> str:
              "rel. error | note |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for shape, rows in results:
         for r in rows:
+            if r["kernel"] == SCHEDULE:
+                ms = f"{r['ms']:.3f}" if r["ms"] is not None else ""
+                err = f"{r['error']:.1e}" if r["error"] is not None else ""
+                lines.append(f"| schedule {r['schedule']} | {shape.tokens} | {shape.hidden} | {shape.vocab} | "
+                             f"{str(shape.dtype).removeprefix('torch.')} | | | | | | {ms} | {err} | "
+                             f"{r.get('failure', '')} |")
+                continue
             c = r["config"]
             ms = f"{r['ms']:.3f}" if r["ms"] is not None else ""
             err = f"{r['error']:.1e}" if r["error"] is not None else ""
@@ -153,7 +201,9 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", default="2048,4096", help="comma list of D, one per bucket")
     parser.add_argument("--vocab", default="32000,128256,256000", help="comma list of V, one per bucket")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
-    parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {', '.join(KERNELS)}")
+    parser.add_argument("--kernels", default=",".join([*KERNELS, SCHEDULE]),
+                        help=f"comma list of {', '.join(KERNELS)} (block configs) and {SCHEDULE} (the backward "
+                             "schedule that impl='auto' picks)")
     parser.add_argument("--candidates", default=None,
                         help="semicolon list of BLOCK_N,BLOCK_V,BLOCK_D,warps,stages (default: the built-in list)")
     parser.add_argument("--min-gain", type=float, default=0.03, help="keep a config only if this much faster")
@@ -177,6 +227,16 @@ def main(argv=None) -> None:
         for vocab in (int(x) for x in args.vocab.split(",")):
             shape = Shape(args.tokens, hidden, vocab, dtype)
             for kernel in args.kernels.split(","):
+                if kernel == SCHEDULE:
+                    rows = tune_schedule(shape, device, args.repeats)
+                    results.append((shape, rows))
+                    entry = schedule_entry(arch, shape, rows, env)
+                    print(f"schedule D={hidden} V={vocab}: " + ", ".join(
+                        f"{r['schedule']} {r['ms']:.3f} ms" if r["ms"] is not None else f"{r['schedule']} failed"
+                        for r in rows))
+                    if entry:
+                        entries.append(entry)
+                    continue
                 rows = tune(kernel, shape, device, candidates, args.repeats, arch=arch)
                 results.append((shape, rows))
                 winner = best(rows, args.min_gain)

@@ -106,7 +106,7 @@ class Case:
     bias: bool = False
     softcap: bool = False
     return_stats: bool = False
-    deterministic: bool = False
+    schedule: str = "atomic"  # the backward schedule: atomic, owner or slab
     grad_filter_eps: float = 0.0
     needs: tuple[bool, bool, bool] = (True, True, True)
     matmul_precision: str = "highest"  # torch.set_float32_matmul_precision: "high" takes fp32 GEMMs to TF32
@@ -114,18 +114,21 @@ class Case:
 
 
 def standard_cases() -> list[Case]:
-    """The specializations the public ops produce: every dtype, plain and with every option on,
-    the deterministic passes, gradient filtering, and a frozen head (dH only, the LoRA case)."""
+    """The specializations the public ops produce: every dtype, plain and with every option on, each
+    backward schedule (atomic, owner, slab), gradient filtering, and a frozen head (dH only, the LoRA case)."""
     cases = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         name = str(dtype).removeprefix("torch.")
         cases.append(Case(f"{name}", dtype))
         cases.append(Case(f"{name} bias+softcap+stats+filter", dtype, bias=True, softcap=True, return_stats=True,
                           grad_filter_eps=2**-12))
-        cases.append(Case(f"{name} deterministic", dtype, deterministic=True))
+        cases.append(Case(f"{name} owner", dtype, schedule="owner"))
+        cases.append(Case(f"{name} slab", dtype, schedule="slab"))
     cases.append(Case("float32 TF32 (matmul precision high)", torch.float32, matmul_precision="high"))
-    cases.append(Case("bfloat16 deterministic bias+softcap+filter", torch.bfloat16, bias=True, softcap=True,
-                      deterministic=True, grad_filter_eps=2**-12))
+    cases.append(Case("bfloat16 owner bias+softcap+filter", torch.bfloat16, bias=True, softcap=True,
+                      schedule="owner", grad_filter_eps=2**-12))
+    cases.append(Case("bfloat16 slab bias+softcap+filter", torch.bfloat16, bias=True, softcap=True,
+                      schedule="slab", grad_filter_eps=2**-12))
     cases.append(Case("bfloat16 frozen head (dH only)", torch.bfloat16, needs=(True, False, False)))
     return cases
 
@@ -144,7 +147,7 @@ def launch_case(case: Case, n_tokens: int = 256, dim: int = 256, vocab: int = 10
     from halo_ops.transform import LogitTransform
 
     options = TokenOptions("triton", LogitTransform(softcap=30.0 if case.softcap else None),
-                           return_stats=case.return_stats, deterministic=case.deterministic,
+                           return_stats=case.return_stats, schedule=case.schedule,
                            grad_filter_eps=case.grad_filter_eps)
     config = {"config": case.config} if case.config is not None else {}
     precision = torch.get_float32_matmul_precision()
@@ -155,7 +158,7 @@ def launch_case(case: Case, n_tokens: int = 256, dim: int = 256, vocab: int = 10
                                  case.needs, slice_rows=weight_slice_rows(vocab, dim, case.dtype), **config)
     finally:
         torch.set_float32_matmul_precision(precision)
-    if case.dtype == torch.float32 and not case.bias and not case.deterministic:
+    if case.dtype == torch.float32 and not case.bias and case.schedule == "atomic":
         batch = torch.zeros(8)
         kto_sequence_terms(batch, batch, batch > 0, torch.zeros(()), beta=0.1, desirable_weight=1.0,
                            undesirable_weight=1.0, token_stats=(batch, batch, batch))

@@ -141,6 +141,7 @@ def fused_linear_kto_loss(
     check_finite: bool = False,
     deterministic: bool = False,
     grad_filter_eps: float = 0.0,
+    schedule: str = "auto",
 ) -> KTOOutput:
     """The KTO loss of TRL's KTOTrainer from the policy's last hidden states, never building the logits.
 
@@ -155,7 +156,7 @@ def fused_linear_kto_loss(
         kl: the reference point z0 from :func:`halo_ops.kto_kl`, or None for 0.
         beta, desirable_weight, undesirable_weight, loss_type: as TRL's ``KTOConfig``.
         logit_scale, softcap, temperature, ignore_index, impl, check_targets, check_finite,
-            deterministic, grad_filter_eps: as :func:`halo_ops.linear_logprobs`.
+            deterministic, grad_filter_eps, schedule: as :func:`halo_ops.linear_logprobs`.
         average_log_prob: the per-sequence log-prob is the mean over its scored tokens instead of
             the sum (TRL's default is the sum).
         saturation_threshold: if > 0, sequences whose gradient coefficient |dloss_i/dlogp_i| is
@@ -176,7 +177,8 @@ def fused_linear_kto_loss(
     hidden2d, weight, bias, flat_targets, token_options = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, impl=impl, return_stats=True, check_targets=check_targets,
-        check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps)
+        check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps,
+        schedule=schedule)
     labels = as_bool_labels(labels, batch, hidden.device)
     check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)
     z0 = reference_point(kl, loss_type, ref_logps.to(accumulation_dtype(hidden2d.dtype)))

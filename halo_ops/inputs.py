@@ -11,6 +11,7 @@ from .transform import LogitTransform
 from .validation import check_linear_inputs
 
 IMPLS = ("auto", "triton", "torch")
+SCHEDULES = ("auto", "atomic", "owner", "slab")
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
@@ -45,6 +46,39 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     return "triton"
 
 
+def resolve_schedule(schedule: str, *, impl: str, deterministic: bool, grad_filter_eps: float,
+                     device: torch.device, dtype: torch.dtype, dim: int, vocab: int) -> str:
+    """The backward schedule a call runs: ``"chunked"`` on the PyTorch path; on the Triton path ``"atomic"``
+    (one tile-parallel pass, fp32 atomics), ``"owner"`` (owner-computes passes, deterministic, one more
+    recompute) or ``"slab"`` (a bounded dL/dy slab per vocabulary slice and tensor-core GEMMs through torch,
+    deterministic).
+
+    ``"auto"`` takes the tuned table's measured winner for this GPU, dtype and (D, V) bucket
+    (``python -m bench.autotune --kernels schedule``). Where it has none: ``"atomic"`` with gradient
+    filtering (whose all-zero tiles skip their GEMMs there), else ``"slab"``, the schedule the traffic
+    model favours (bench/NOTES.md); ``deterministic=True`` rules out ``"atomic"``.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if impl == "torch":
+        if schedule != "auto":
+            raise ValueError(f"schedule={schedule!r} is a Triton backward schedule; impl='torch' runs the chunked "
+                             "PyTorch schedule (leave schedule='auto')")
+        return "chunked"
+    if schedule == "atomic" and deterministic:
+        raise ValueError("schedule='atomic' sums in a run-dependent order; deterministic=True takes 'owner' or 'slab'")
+    if schedule != "auto":
+        return schedule
+    from .kernels.config import device_arch, tuned_schedule
+
+    tuned = tuned_schedule(dtype, dim, vocab, device_arch(device))
+    if tuned is not None and not (deterministic and tuned == "atomic"):
+        return tuned
+    if grad_filter_eps > 0:
+        return "owner" if deterministic else "atomic"
+    return "slab"
+
+
 def _autocast(tensor: torch.Tensor | None, device_type: str) -> torch.Tensor | None:
     if tensor is None or not torch.is_autocast_enabled(device_type):
         return tensor
@@ -53,7 +87,8 @@ def _autocast(tensor: torch.Tensor | None, device_type: str) -> torch.Tensor | N
 
 
 def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_scale, softcap, temperature, impl,
-                          return_stats, check_targets, check_finite, deterministic, grad_filter_eps):
+                          return_stats, check_targets, check_finite, deterministic, grad_filter_eps,
+                          schedule="auto"):
     """Autocast, validation and backend choice shared by the public ops.
 
     Returns (hidden [N, D], weight, bias, targets [N] int64 contiguous, TokenOptions).
@@ -65,8 +100,10 @@ def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_
                         check_targets=check_targets, check_finite=check_finite)
     if not (isinstance(grad_filter_eps, (int, float)) and 0 <= grad_filter_eps < float("inf")):
         raise ValueError(f"grad_filter_eps must be a finite number >= 0, got {grad_filter_eps!r}")
-    options = TokenOptions(impl=resolve_impl(impl, hidden.device, hidden.dtype), transform=transform,
-                           ignore_index=int(ignore_index), return_stats=bool(return_stats),
-                           deterministic=bool(deterministic), grad_filter_eps=float(grad_filter_eps))
+    impl = resolve_impl(impl, hidden.device, hidden.dtype)
+    schedule = resolve_schedule(schedule, impl=impl, deterministic=bool(deterministic), grad_filter_eps=grad_filter_eps,
+                                device=hidden.device, dtype=hidden.dtype, dim=weight.shape[1], vocab=weight.shape[0])
+    options = TokenOptions(impl=impl, transform=transform, ignore_index=int(ignore_index),
+                           return_stats=bool(return_stats), schedule=schedule, grad_filter_eps=float(grad_filter_eps))
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, options

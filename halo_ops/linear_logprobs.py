@@ -36,6 +36,7 @@ def linear_logprobs(
     check_finite: bool = False,
     deterministic: bool = False,
     grad_filter_eps: float = 0.0,
+    schedule: str = "auto",
 ) -> torch.Tensor | LinearLogProbs:
     """Log-probabilities of ``targets`` under a linear LM head, never building the ``[N, V]`` logits.
 
@@ -60,12 +61,18 @@ def linear_logprobs(
             pass (no gradient), as a :class:`LinearLogProbs`.
         check_targets: raise on targets outside ``[0, V)`` (reads them on the host: one sync).
         check_finite: raise on NaN/inf in hidden, weight or bias (one extra pass and a sync).
-        deterministic: Triton backward without atomics, bitwise reproducible from run to run, at the
-            cost of one more logits recompute (the PyTorch path is always deterministic).
+        deterministic: a Triton backward without atomics, bitwise reproducible from run to run
+            (``schedule`` ``"slab"`` or ``"owner"``; the PyTorch path is always deterministic).
         grad_filter_eps: if > 0, the backward takes softmax probabilities below it as 0 in
             dL/dz = g · (onehot − p) (gradient filtering, as in cut-cross-entropy) and skips the
             GEMMs of tiles left all zero: faster on peaked logits, approximate (each dropped entry
             changes dL/dz by less than eps · |g_t|). Same function on every path. 0 (off) by default.
+        schedule: the Triton backward's schedule, all computing the same function: ``"slab"`` (a
+            bounded dL/dy slab per vocabulary slice, then tensor-core GEMMs through torch; no atomics),
+            ``"atomic"`` (one fused tile-parallel pass, fp32 atomics), ``"owner"`` (owner-computes passes,
+            one more recompute), or ``"auto"`` (the measured winner for this GPU and shape where the tuned
+            table has one, else ``"atomic"`` with gradient filtering and ``"slab"`` otherwise). The PyTorch
+            path has one schedule and takes only ``"auto"``.
 
     Returns float32 log-probs (float64 for float64 inputs), differentiable with respect to hidden,
     weight and bias; gradients come back in the inputs' dtypes. Under ``torch.autocast`` the
@@ -75,7 +82,8 @@ def linear_logprobs(
     hidden2d, weight, bias, flat_targets, options = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, impl=impl, return_stats=return_stats, check_targets=check_targets,
-        check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps)
+        check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps,
+        schedule=schedule)
     logps, entropy, mean_logit = token_logprobs(hidden2d, weight, bias, flat_targets, options)
     valid = targets != ignore_index
     logps = reduce_last_dim(logps.view(targets.shape), valid, reduction)

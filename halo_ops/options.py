@@ -28,7 +28,7 @@ class TokenOptions:
     transform: LogitTransform = LogitTransform()
     ignore_index: int = -100
     return_stats: bool = False  # also per-token entropy and mean logit
-    deterministic: bool = False  # Triton backward without atomics
+    schedule: str = "atomic"  # the backward's schedule, resolved: atomic, owner, slab (Triton) or chunked (torch)
     grad_filter_eps: float = 0.0  # softmax probabilities below it count as 0 in the backward
 
 

@@ -3,6 +3,7 @@
 Importing this package imports Triton; ``halo_ops`` only does so when Triton is installed.
 """
 
+from . import slab_backward
 from .config import BlockConfig, interpreting
 from .kto_sequence import kto_sequence_terms
 from .linear_logprobs_bwd import linear_logprobs_backward
@@ -14,4 +15,5 @@ __all__ = [
     "kto_sequence_terms",
     "linear_logprobs_backward",
     "linear_logprobs_forward",
+    "slab_backward",
 ]

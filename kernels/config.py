@@ -27,7 +27,9 @@ class BlockConfig:
     num_stages: int = 3
 
 
-KERNELS = ("forward", "backward", "backward_dh", "backward_dw")
+KERNELS = ("forward", "backward", "backward_dh", "backward_dw", "slab")
+SCHEDULE = "schedule"  # a table entry naming the fastest backward schedule instead of a block config
+BACKWARD_SCHEDULES = ("atomic", "owner", "slab")
 
 # Defaults, not timed on a GPU yet (bench/NOTES.md). Half-precision tiles feed the tensor cores.
 # An exact fp32 tl.dot runs on the FMA units and holds its operands in registers, so fp32 takes
@@ -66,11 +68,26 @@ def tuned_configs(path: str) -> dict[tuple, BlockConfig]:
         entries = json.load(f)["entries"]
     table = {}
     for entry in entries:
+        key = (entry["kernel"], entry["arch"], entry["dtype"], entry["hidden_bucket"], entry["vocab_bucket"])
+        if entry["kernel"] == SCHEDULE:
+            if entry["schedule"] not in BACKWARD_SCHEDULES:
+                raise ValueError(f"{path}: unknown schedule {entry['schedule']!r}, expected one of {BACKWARD_SCHEDULES}")
+            table[key] = entry["schedule"]
+            continue
         if entry["kernel"] not in KERNELS:
             raise ValueError(f"{path}: unknown kernel {entry['kernel']!r}, expected one of {KERNELS}")
-        key = (entry["kernel"], entry["arch"], entry["dtype"], entry["hidden_bucket"], entry["vocab_bucket"])
         table[key] = BlockConfig(**entry["config"])
     return table
+
+
+def _tuned_table() -> dict:
+    return tuned_configs(os.environ.get(TUNED_TABLE_ENV) or str(TUNED_TABLE))
+
+
+def tuned_schedule(dtype: torch.dtype, hidden: int, vocab: int, arch: str | None) -> str | None:
+    """The backward schedule measured fastest for this architecture, dtype and (hidden, vocabulary) bucket,
+    or None where the table has no entry (or off a GPU)."""
+    return None if arch is None else _tuned_table().get(table_key(SCHEDULE, arch, dtype, hidden, vocab))
 
 
 def device_arch(device: torch.device) -> str | None:
@@ -85,8 +102,7 @@ def select_config(kernel: str, dtype: torch.dtype, hidden: int, vocab: int, arch
     """The tuned config for this kernel, architecture, dtype and (hidden, vocabulary) bucket, read from
     $HALO_OPS_TUNED_CONFIGS or the shipped table; the dtype's default where the table has none."""
     if arch is not None:
-        tuned = tuned_configs(os.environ.get(TUNED_TABLE_ENV) or str(TUNED_TABLE))
-        config = tuned.get(table_key(kernel, arch, dtype, hidden, vocab))
+        config = _tuned_table().get(table_key(kernel, arch, dtype, hidden, vocab))
         if config is not None:
             return config
     return default_config(kernel, dtype, arch)

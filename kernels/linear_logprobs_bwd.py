@@ -21,33 +21,9 @@ import triton
 import triton.language as tl
 
 from .config import BlockConfig, device_arch, dot_options, launch_options, select_config
-from .tiles import projection_tile
-from .transform import logit_transform, logit_transform_grad, transform_args
-
-
-@triton.jit
-def dlogits_tile(
-    h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
-    stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, UPCAST_BF16: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dL/dy for one [BLOCK_N, BLOCK_V] tile: g · (onehot − p) · dz/dy with p = exp(z − lse), 0 outside the
-    problem; with HAS_FILTER, p < filter_eps is taken as 0 (gradient filtering)."""
-    b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
-    b_lse = tl.load(lse_ptr + o_n, mask=m_n, other=float("inf"))
-    b_y = projection_tile(
-        h_ptr, w_ptr, bias_ptr, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
-        HAS_BIAS, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-    )
-    b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-    b_onehot = tl.where(o_v[None, :] == b_target[:, None], 1.0, 0.0)
-    b_p = tl.exp(b_z - b_lse[:, None])
-    if HAS_FILTER:
-        b_p = tl.where(b_p >= filter_eps, b_p, 0.0)
-    b_dz = b_g[:, None] * (b_onehot - b_p)
-    b_dz = b_dz * logit_transform_grad(b_z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
-    return tl.where(m_n[:, None] & m_v[None, :], b_dz, 0.0)
+from . import slab_backward as slab
+from .tiles import dlogits_tile
+from .transform import transform_args
 
 
 @triton.jit
@@ -216,23 +192,28 @@ def linear_logprobs_backward(
 ):
     """fp32 accumulators of the gradients of Σ_t grad_logps[t] · logps[t] for (hidden, weight, bias).
 
-    ``options``: a ``halo_ops.options.TokenOptions`` (transform, deterministic, grad_filter_eps are read).
+    ``options``: a ``halo_ops.options.TokenOptions`` (transform, schedule, grad_filter_eps are read).
     ``grad_logps`` [N] fp32 is 0 at ignored targets. None where ``needs`` says no (db also without a bias).
     ``slice_rows`` < V: dW is computed that many vocabulary rows at a time, each slice accumulated in
     fp32 and copied into a dW in the weight's dtype, so the extra memory is fp32 dH [N, D] plus one
     slice; the token op picks it (``halo_ops.token_op.weight_slice_rows``). Default: one slice.
-    ``options.deterministic``: instead of one tile-parallel pass with fp32 atomics (three GEMMs' work,
-    sums in a run-dependent order), two owner-computes passes, one for dH and one for dW and db, that
-    write each row in a fixed order (four GEMMs' work: the logits are recomputed once more).
+    ``options.schedule``: ``"atomic"``, one tile-parallel pass with fp32 atomics (three GEMMs' work, sums in
+    a run-dependent order); ``"owner"``, two owner-computes passes, one for dH and one for dW and db, that
+    write each row in a fixed order (four GEMMs' work: the logits are recomputed once more); ``"slab"``,
+    ``slab_backward`` (a dL/dy slab per vocabulary slice, then torch GEMMs).
     ``options.grad_filter_eps`` > 0 takes softmax probabilities below it as 0 in dL/dz = g · (onehot − p);
     tiles left all zero (no target, every p below it) skip their GEMMs. ``config``: block sizes, warps
     and stages for every kernel launched (default: each kernel's tuned or default config).
     """
+    if options.schedule == "slab":
+        return slab.slab_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs, config=config)
+    if options.schedule not in ("atomic", "owner"):
+        raise ValueError(f"the Triton backward runs schedule 'atomic', 'owner' or 'slab', got {options.schedule!r}")
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     needs_h, needs_w, needs_b = needs
     needs_b = needs_b and bias is not None
-    deterministic, eps = options.deterministic, float(options.grad_filter_eps)
+    deterministic, eps = options.schedule == "owner", float(options.grad_filter_eps)
     f32 = {"dtype": torch.float32, "device": hidden.device}
     rows = min(slice_rows or vocab, vocab) if needs_w else vocab
     sliced = rows < vocab

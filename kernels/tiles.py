@@ -1,10 +1,12 @@
-"""The projection tile every kernel starts from (the logit transform is in ``transform.py``).
+"""The tiles every kernel is built from: the projection, and dL/dy for the backward schedules.
 
 Naming (fla-org style): ``b_`` blocks, ``p_`` pointers, ``o_`` offsets, ``m_`` masks.
 """
 
 import triton
 import triton.language as tl
+
+from .transform import logit_transform, logit_transform_grad
 
 
 @triton.jit
@@ -32,3 +34,28 @@ def projection_tile(
     if HAS_BIAS:
         b_y += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
     return b_y
+
+
+@triton.jit
+def dlogits_tile(
+    h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
+    stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dL/dy for one [BLOCK_N, BLOCK_V] tile: g · (onehot − p) · dz/dy with p = exp(z − lse), 0 outside the
+    problem; with HAS_FILTER, p < filter_eps is taken as 0 (gradient filtering)."""
+    b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
+    b_lse = tl.load(lse_ptr + o_n, mask=m_n, other=float("inf"))
+    b_y = projection_tile(
+        h_ptr, w_ptr, bias_ptr, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
+        HAS_BIAS, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+    )
+    b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+    b_onehot = tl.where(o_v[None, :] == b_target[:, None], 1.0, 0.0)
+    b_p = tl.exp(b_z - b_lse[:, None])
+    if HAS_FILTER:
+        b_p = tl.where(b_p >= filter_eps, b_p, 0.0)
+    b_dz = b_g[:, None] * (b_onehot - b_p)
+    b_dz = b_dz * logit_transform_grad(b_z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
+    return tl.where(m_n[:, None] & m_v[None, :], b_dz, 0.0)

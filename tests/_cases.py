@@ -106,13 +106,15 @@ def check_case(case: Case, impl: str, stats: bool = True):
 
 
 def token_options(*, impl="triton", ignore_index=-100, logit_scale=1.0, softcap=None, temperature=1.0,
-                  return_stats=False, deterministic=False, grad_filter_eps=0.0):
-    """The TokenOptions the public functions would build from these keywords (for calling launchers directly)."""
+                  return_stats=False, schedule=None, deterministic=False, grad_filter_eps=0.0):
+    """The TokenOptions the public functions would build from these keywords (for calling launchers directly);
+    the schedule defaults to ``atomic`` (``owner`` with ``deterministic``)."""
     from halo_ops.options import TokenOptions
     from halo_ops.transform import LogitTransform
 
     return TokenOptions(impl=impl, transform=LogitTransform(logit_scale, softcap, temperature),
-                        ignore_index=ignore_index, return_stats=return_stats, deterministic=deterministic,
+                        ignore_index=ignore_index, return_stats=return_stats,
+                        schedule=schedule or ("owner" if deterministic else "atomic"),
                         grad_filter_eps=grad_filter_eps)
 
 

@@ -214,3 +214,26 @@ def test_every_specialization_builds_for_ampere_ada_hopper_and_blackwell(tmp_pat
     assert all(r["spill_bytes"] == 0 and r["fits"] for r in rows)
     atomic = [r for r in rows if r["kernel"] == "linear_logprobs_bwd_kernel"]
     assert atomic and all(r["atomics"] == "red" for r in atomic)  # relaxed reductions, no acq_rel round trips
+
+
+def test_schedule_entries_drive_auto(tmp_path, monkeypatch, autotune):
+    """python -m bench.autotune --kernels schedule times every backward schedule, checks it against the atomic
+    one, and writes the fastest; impl='auto' then runs that schedule for the architecture and bucket."""
+    from bench.measure import Shape
+    from halo_ops.inputs import resolve_schedule
+
+    if not (kconfig.interpreting() or torch.cuda.is_available()):
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = Shape(tokens=48, hidden=24, vocab=100, dtype=torch.float32)
+    rows = autotune.tune_schedule(shape, device, timer=lambda call, _d, _r: 1e-3 if call.schedule == "owner" else 2e-3)
+    assert [r["schedule"] for r in rows] == list(kconfig.BACKWARD_SCHEDULES)
+    assert all(r["ms"] is not None and r["error"] < autotune.TOLERANCE[torch.float32] for r in rows)
+    entry = autotune.schedule_entry("sm_test", shape, rows, {"device": "test", "date": "today"})
+    assert entry["schedule"] == "owner" and entry["ms"]["slab"] == 2.0
+    monkeypatch.setenv(kconfig.TUNED_TABLE_ENV, write_table(tmp_path / "t.json", [entry]))
+    monkeypatch.setattr(kconfig, "device_arch", lambda _device: "sm_test")
+    pick = {"impl": "triton", "grad_filter_eps": 0.0, "device": device, "dtype": torch.float32, "dim": 24}
+    assert resolve_schedule("auto", deterministic=False, vocab=100, **pick) == "owner"
+    assert resolve_schedule("auto", deterministic=False, vocab=10**6, **pick) == "slab"  # another bucket: no entry
+    assert resolve_schedule("atomic", deterministic=False, vocab=100, **pick) == "atomic"  # named: as asked

@@ -356,3 +356,76 @@ def test_grad_filter_eps_is_the_same_function_on_every_path(impl, eps):
 def test_grad_filter_eps_must_be_non_negative():
     with pytest.raises(ValueError, match="grad_filter_eps"):
         linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), grad_filter_eps=-1.0)
+
+
+# --- backward schedules: one function, three ways ---------------------------------------------------
+
+SCHEDULES = ["atomic", "owner", "slab"]
+SCHEDULE_OPTIONS = {
+    "plain": {},
+    "everything": {"bias": True, "softcap": 4.0, "logit_scale": 1.9, "temperature": 0.8, "ignore_frac": 0.3,
+                   "empty_rows": 1},
+}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("option", SCHEDULE_OPTIONS)
+def test_every_schedule_matches_fp64(schedule, dtype, option):
+    check_case(Case(dtype=dtype, **SCHEDULE_OPTIONS[option], options={"schedule": schedule}), "triton")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_schedule_with_a_frozen_head_and_filtering(schedule):
+    """dH alone (a frozen LM head, the LoRA case) and gradient filtering, against their fp64 definitions."""
+    gen = torch.Generator().manual_seed(4)
+    n, dim, vocab = 45, 19, 233
+    hidden = torch.randn(n, dim, generator=gen).to(DEVICE)
+    weight = (torch.randn(vocab, dim, generator=gen) * 0.6).to(DEVICE)
+    bias = (torch.randn(vocab, generator=gen) * 0.3).to(DEVICE)
+    targets = torch.randint(0, vocab, (n,), generator=gen).to(DEVICE)
+    targets[::5] = -100
+    upstream = torch.randn(n, generator=gen).to(DEVICE)
+    transform = {"logit_scale": 1.0, "softcap": 4.0, "temperature": 1.0}
+    for eps in (0.0, 1e-3):
+        leaf = hidden.clone().requires_grad_()
+        out = linear_logprobs(leaf, weight, targets, bias, impl="triton", schedule=schedule, grad_filter_eps=eps,
+                              **transform)
+        (out * upstream).sum().backward()
+        expected_dh = _filtered_reference_grads(hidden, weight, bias, targets, upstream, eps, transform)[0]
+        torch.testing.assert_close(leaf.grad.double(), expected_dh, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_slab_in_slices_and_token_chunks(dtype, monkeypatch):
+    """A slab budget far below the problem: vocabulary slices of 256 columns and chunks of 20 tokens, with the
+    dW slice then accumulated in fp32; the same gradients as one slab, every slab element written."""
+    from halo_ops.kernels import linear_logprobs_backward, slab_backward
+
+    case = Case(batch=1, seq=66, dim=24, vocab=700, bias=True, softcap=3.0, ignore_frac=0.2, dtype=dtype)
+    hidden, weight, bias, targets, upstream = case.inputs()
+    hidden, targets, upstream = hidden[0], targets[0], upstream[0]
+    options = token_options(softcap=3.0, schedule="slab")
+    _, lse, _, _ = triton_forward(hidden, weight, bias, targets, options)
+    grad = torch.where(targets != -100, upstream, 0.0).float()
+    grad[:40] = 0.0  # two whole token chunks without gradient: their blocks store zeros without a recompute
+    whole = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, options, (True, True, True))
+    budget = 256 * 20 * dtype.itemsize
+    assert slab_backward.slab_shape(66, 700, dtype.itemsize, budget) == (20, 256)
+    monkeypatch.setattr(slab_backward, "SLAB_BYTES", budget)
+    sliced = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, options, (True, True, True))
+    tolerance = {"atol": 1e-2, "rtol": 1e-2} if dtype == torch.bfloat16 else {"atol": 2e-3, "rtol": 2e-3}
+    for one, many in zip(whole, sliced):
+        assert many.dtype == one.dtype and torch.isfinite(many).all()
+        torch.testing.assert_close(many.float(), one.float(), **(tolerance if dtype != torch.float32 else {}))
+
+
+def test_schedule_errors():
+    hidden, weight, targets = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        linear_logprobs(hidden, weight, targets, schedule="fast")
+    with pytest.raises(ValueError, match="impl='torch' runs the chunked"):
+        linear_logprobs(hidden, weight, targets, impl="torch", schedule="slab")
+    with pytest.raises(ValueError, match="deterministic=True takes"):
+        linear_logprobs(hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE), impl="triton", schedule="atomic",
+                        deterministic=True)

@@ -1,0 +1,159 @@
+"""Slab backward: a Triton kernel writes dL/dy for a vocabulary slice into a bounded slab, tensor-core GEMMs do the rest.
+
+For each slice of ``cols`` vocabulary columns (and, when all tokens do not fit the byte budget, each
+chunk of ``rows`` tokens), ``dlogits_slab_kernel`` recomputes the logits tile by tile from h, W and
+the saved lse and stores
+
+    dL/dy = g · (onehot(target) − exp(z − lse)) · dz/dy          [rows, cols], in the inputs' dtype
+
+Then torch's GEMMs (cuBLAS on a GPU):
+
+    dW[slice] = dL/dyᵀ · H     one GEMM over all tokens, written straight into dW's dtype (no fp32 dW)
+    dH       += dL/dy · W[slice]   into an fp32 accumulator
+    db[slice] = Σ_tokens dL/dy   in fp32
+
+Three GEMMs' work, like the atomic schedule, but no atomics and no fp32 dW traffic: deterministic by
+construction. Extra memory: the slab (``SLAB_BYTES``), fp32 dH [N, D], and an fp32 dW slice only when
+the tokens are chunked. The kernel's grid is grouped (GROUP_N token blocks sweep the slice together,
+as in Triton's matmul tutorial) so that their rows of H stay in L2 while W's tiles stream.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import device_arch, dot_options, launch_options, select_config
+from .tiles import dlogits_tile
+from .transform import transform_args
+
+SLAB_BYTES = 1 << 27  # 128 MiB of dL/dy: 4096 bf16 columns at 16384 tokens
+SLAB_COLUMN_MULTIPLE = 256  # every BLOCK_V divides it
+GROUP_N = 8
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.jit
+def dlogits_slab_kernel(
+    h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, slab_ptr,
+    N, V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_slab,
+    logit_scale, softcap, temperature, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr,
+    UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    blocks_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * blocks_v
+    first_n = (pid // per_group) * GROUP_N
+    group_n = tl.minimum(blocks_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_n
+    pid_v = (pid % per_group) // group_n
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_v = o_v < V
+    p_slab = slab_ptr + o_n[:, None].to(tl.int64) * stride_slab + o_v[None, :]
+    m_slab = m_n[:, None] & m_v[None, :]
+    b_g = tl.load(grad_ptr + o_n, mask=m_n, other=0.0)
+    if tl.max(tl.abs(b_g), axis=0) != 0.0:
+        b_dz = dlogits_tile(
+            h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
+            stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
+            filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )
+        tl.store(p_slab, b_dz.to(slab_ptr.dtype.element_ty), mask=m_slab)
+    else:  # a block of rows without gradient (prompts, padding): its recompute is skipped
+        tl.store(p_slab, tl.zeros((BLOCK_N, BLOCK_V), slab_ptr.dtype.element_ty), mask=m_slab)
+
+
+_FP32_OUT_GEMM: dict[str, bool] = {}
+
+
+def add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a · b`` with fp32 accumulation for half-precision ``a``, ``b`` and an fp32 ``acc``.
+
+    On CUDA, one GEMM with an fp32 output (``torch.addmm(..., out_dtype=torch.float32)``, torch 2.8+);
+    where torch lacks it, a half-precision product and an fp32 add. Elsewhere (CPU, the interpreter)
+    the operands are upcast: exact, and slow only where nothing is fast.
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.device.type == "cuda":
+        if _FP32_OUT_GEMM.get("cuda", True):
+            try:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                _FP32_OUT_GEMM["cuda"] = True
+                return
+            except (TypeError, RuntimeError, NotImplementedError):
+                _FP32_OUT_GEMM["cuda"] = False
+        acc.add_(a @ b)
+        return
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def slab_shape(n_tokens: int, vocab: int, itemsize: int, slab_bytes: int | None = None) -> tuple[int, int]:
+    """(rows, cols) of the slab: the widest multiple of 256 columns that holds every token within the
+    budget, at least 256 columns (then the tokens are chunked to fit)."""
+    budget = slab_bytes or SLAB_BYTES
+    cols = budget // (max(n_tokens, 1) * itemsize) // SLAB_COLUMN_MULTIPLE * SLAB_COLUMN_MULTIPLE
+    cols = min(max(cols, SLAB_COLUMN_MULTIPLE), triton.cdiv(vocab, SLAB_COLUMN_MULTIPLE) * SLAB_COLUMN_MULTIPLE)
+    rows = min(n_tokens, max(1, budget // (cols * itemsize)))
+    return rows, cols
+
+
+def slab_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs, *, slab_bytes=None, config=None):
+    """Gradients of Σ_t grad_logps[t] · logps[t] for (hidden, weight, bias) by the slab schedule.
+
+    Returns an fp32 dH accumulator, dW already in the weight's dtype, an fp32 db; None where ``needs``
+    says no. ``options``: a ``halo_ops.options.TokenOptions`` (transform, grad_filter_eps are read).
+    ``slab_bytes``: the slab's byte budget (default ``SLAB_BYTES``).
+    """
+    n_tokens, dim = hidden.shape
+    vocab = weight.shape[0]
+    needs_h, needs_w, needs_b = needs[0], needs[1], needs[2] and bias is not None
+    f32 = {"dtype": torch.float32, "device": hidden.device}
+    grad_h = torch.zeros((n_tokens, dim), **f32) if needs_h else None
+    grad_b = torch.zeros((vocab,), **f32) if needs_b else None
+    grad_w = None
+    if needs_w:  # every slice is written below, unless there are no tokens
+        grad_w = (torch.empty if n_tokens else torch.zeros)((vocab, dim), dtype=weight.dtype, device=weight.device)
+    if n_tokens == 0 or not (needs_h or needs_w or needs_b):
+        return grad_h, grad_w, grad_b
+    rows, cols = slab_shape(n_tokens, vocab, hidden.dtype.itemsize, slab_bytes)
+    slab = torch.empty((rows, cols), dtype=hidden.dtype, device=hidden.device)
+    cfg = config or select_config("slab", hidden.dtype, dim, vocab, device_arch(hidden.device))
+    eps = float(options.grad_filter_eps)
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        w_slice = weight[v0:v1]
+        chunked_tokens = rows < n_tokens
+        grad_w_slice = torch.zeros((v1 - v0, dim), **f32) if needs_w and chunked_tokens else None
+        for n0 in range(0, n_tokens, rows):
+            n1 = min(n0 + rows, n_tokens)
+            dy = slab[: n1 - n0, : v1 - v0]
+            grid = (triton.cdiv(n1 - n0, cfg.block_n) * triton.cdiv(v1 - v0, cfg.block_v),)
+            dlogits_slab_kernel[grid](
+                hidden[n0:n1], w_slice, None if bias is None else bias[v0:v1], targets[n0:n1] - v0, lse[n0:n1],
+                grad_logps[n0:n1], dy,
+                n1 - n0, v1 - v0, dim, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                dy.stride(0),
+                filter_eps=eps, HAS_FILTER=eps > 0, GROUP_N=GROUP_N, **transform_args(options.transform),
+                **dot_options(hidden.dtype), **launch_options(cfg),
+            )
+            if needs_h:
+                add_product_fp32(grad_h[n0:n1], dy, w_slice)
+            if needs_w:
+                if grad_w_slice is None:
+                    torch.mm(dy.t(), hidden, out=grad_w[v0:v1])
+                else:
+                    add_product_fp32(grad_w_slice, dy.t(), hidden[n0:n1])
+            if needs_b:
+                grad_b[v0:v1] += dy.sum(0, dtype=torch.float32)
+        if grad_w_slice is not None:
+            grad_w[v0:v1].copy_(grad_w_slice)
+    return grad_h, grad_w, grad_b
