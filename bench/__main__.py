@@ -92,8 +92,9 @@ def main(argv=None) -> None:
             print(f"{phase:6s} {row['case']:17s} N={row['tokens']:<6d} D={row['hidden']:<5d} V={row['vocab']:<7d} "
                   f"{row['distribution']:7s} {provider.name:16s} {shown}", flush=True)
     for row in rows:  # what a provider needs beyond the gradient outputs it must return
-        if "peak_mib" in row and row["case"] in ("backward", "forward+backward", "kto-step"):
-            grads = (row["tokens"] + row["vocab"]) * row["hidden"] * dtype.itemsize
+        if "peak_mib" in row and row["case"] in ("backward", "forward+backward", "frozen-head", "kto-step"):
+            rows_with_grad = row["tokens"] + (0 if row["case"] == "frozen-head" else row["vocab"])
+            grads = rows_with_grad * row["hidden"] * dtype.itemsize
             row["extra_mib"] = row["peak_mib"] - grads / 2**20
     add_ratios(rows, reference)
     env = environment(device)

@@ -69,9 +69,11 @@ def backward_call(schedule: str, needs, hidden, weight, targets, config: BlockCo
 
 def kernel_call(kernel: str, hidden, weight, targets, config: BlockConfig):
     """A no-argument callable that runs ``kernel``'s launcher with ``config`` and returns its outputs."""
-    if kernel == "forward":
+    if kernel in ("forward", "fold"):  # the fused forward kernel, or the GEMM schedule's fold over a logits slab
+        options = TokenOptions("triton", schedule="gemm" if kernel == "fold" else "atomic")
+
         def forward():
-            partials = linear_logprobs_forward(hidden, weight, None, targets, TokenOptions("triton"), config=config)
+            partials = linear_logprobs_forward(hidden, weight, None, targets, options, config=config)
             return merge_partials(partials, targets != -100, weight.shape[0])[:2]
 
         return forward

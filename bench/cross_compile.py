@@ -124,11 +124,14 @@ def standard_cases() -> list[Case]:
                           grad_filter_eps=2**-12))
         cases.append(Case(f"{name} owner", dtype, schedule="owner"))
         cases.append(Case(f"{name} slab", dtype, schedule="slab"))
+        cases.append(Case(f"{name} gemm", dtype, schedule="gemm"))
     cases.append(Case("float32 TF32 (matmul precision high)", torch.float32, matmul_precision="high"))
     cases.append(Case("bfloat16 owner bias+softcap+filter", torch.bfloat16, bias=True, softcap=True,
                       schedule="owner", grad_filter_eps=2**-12))
     cases.append(Case("bfloat16 slab bias+softcap+filter", torch.bfloat16, bias=True, softcap=True,
                       schedule="slab", grad_filter_eps=2**-12))
+    cases.append(Case("bfloat16 gemm bias+softcap+stats+filter", torch.bfloat16, bias=True, softcap=True,
+                      return_stats=True, schedule="gemm", grad_filter_eps=2**-12))
     cases.append(Case("bfloat16 frozen head (dH only)", torch.bfloat16, needs=(True, False, False)))
     return cases
 

@@ -11,9 +11,10 @@
 # Steps, each under its own deadline so that one slow or hung step cannot eat the others:
 #   setup (install .whl/ offline), tests (compiled Triton, focused), floor (cuBLAS GEMM rate at the target
 #   shape and at the slab shapes, copy bandwidth), schedules (each halo-ops schedule: forward, backward,
-#   forward+backward, forward-only, peak memory), peers (TRL's head, cut-cross-entropy with and without its
-#   filter, torch's linear_cross_entropy where torch has it, torch.compile, plain; one process each), kto-step
-#   (the whole LM-head part of a KTO step against TRL and Liger), sweep (block configs of the backward).
+#   forward+backward, forward-only, peak memory), TRL's head, kto-step (the whole LM-head part of a KTO
+#   step against TRL and Liger), frozen-head (dH only, against TRL), sweep (every backward schedule timed
+#   for impl='auto', then block configs), the other peers (cut-cross-entropy with and without its filter,
+#   torch's linear_cross_entropy where torch has it, plain, torch.compile; one process each).
 # Files, at most 8, into $OUT (the device tool's folder) or bench/results/gpu-session: summary.md (printed
 # last), session.log, and gpu-session.tar.gz holding every CSV, Markdown table and log. Unpack that into
 # bench/results/ on the development machine.
@@ -33,10 +34,10 @@ if [ "$MODE" = smoke ]; then
     export TRITON_INTERPRET=1
     [ -x .venv/bin/python ] && PY=.venv/bin/python
     N=256; D=32; V=1000; SEQ=64; DTYPE=fp32; DEVICE=cpu; SLAB="256,256,32;256,256,1000"
-    T_TESTS=60; T_FLOOR=60; T_SCHED=120; T_PEER=90; T_COMPILE=90; T_KTO=120; T_SWEEP=90; BUDGET=1200
+    T_TESTS=60; T_FLOOR=60; T_SCHED=120; T_PEER=90; T_COMPILE=90; T_KTO=120; T_SWEEP=150; T_FROZEN=60; BUDGET=1200
 else
     N=16384; D=4096; V=128256; SEQ=1024; DTYPE=bf16; DEVICE=cuda; SLAB="8192,16384,4096;16384,8192,4096"
-    T_TESTS=100; T_FLOOR=25; T_SCHED=90; T_PEER=35; T_COMPILE=60; T_KTO=60; T_SWEEP=50; BUDGET=470
+    T_TESTS=100; T_FLOOR=25; T_SCHED=90; T_PEER=35; T_COMPILE=60; T_KTO=60; T_SWEEP=60; T_FROZEN=25; BUDGET=470
 fi
 SHAPE="--tokens $N --hidden $D --vocab $V --dtype $DTYPE --device $DEVICE --out $WORK"
 ARCH=""; [ "$MODE" = smoke ] && ARCH="--arch sm_90"  # the interpreter has no GPU to name the table's key
@@ -79,7 +80,7 @@ case "$MODE" in
         step floor "$T_FLOOR" "$PY -m bench.floor --device $DEVICE --dtype $DTYPE --gemm '$N,$D,$V;$SLAB' \
             --shapes $N,$D,$V --out $WORK"
         step schedules "$T_SCHED" "$PY -m bench $SHAPE --cases forward,backward,forward+backward,forward-only \
-            --providers 'halo-ops,halo-ops[deterministic]' --name schedules"
+            --providers 'halo-ops[slab],halo-ops[gemm],halo-ops[atomic],halo-ops[owner]' --name schedules"
         peer() {  # peer NAME SECONDS: one provider in its own process, so that a hang costs one row
             step "peer $1" "$2" "$PY -m bench $SHAPE --cases forward+backward,forward-only --providers '$1' \
                 --name peer-$1"
@@ -87,14 +88,16 @@ case "$MODE" in
         peer trl "$T_PEER"
         step kto-step "$T_KTO" "$PY -m bench $SHAPE --cases kto-step --seq $SEQ --distribution random \
             --providers halo-ops,trl,liger,plain --name kto-step"
+        step frozen-head "$T_FROZEN" "$PY -m bench $SHAPE --cases frozen-head --providers 'halo-ops,trl' --name frozen"
+        # what impl='auto' should run here: every schedule timed and checked, then the slab and forward tiles
+        step sweep "$T_SWEEP" "$PY -m bench.autotune --device $DEVICE --tokens $N --hidden $D --vocab $V \
+            --dtype $DTYPE --kernels schedule,slab,fold,forward $ARCH --repeats 1 \
+            --candidates '64,128,64,8,3;128,128,64,8,3;128,256,64,8,3;128,128,32,8,4' --out $WORK"
         peer cce "$T_PEER"
         peer plain "$T_PEER"
         peer torch.linear_cross_entropy "$T_PEER"
         peer cce-no-filter "$T_PEER"
         peer torch.compile "$T_COMPILE"
-        step sweep "$T_SWEEP" "$PY -m bench.autotune --device $DEVICE --tokens $N --hidden $D --vocab $V \
-            --dtype $DTYPE --kernels forward,backward $ARCH --repeats 1 \
-            --candidates '64,128,64,8,3;128,128,64,8,3;128,256,64,8,3;128,128,32,8,4' --out $WORK"
         ;;
     tune)
         step tune 540 "$PY -m bench.autotune --tokens 16384 --hidden 2048,4096 --vocab 32000,128256,256000 \

@@ -11,7 +11,8 @@ import torch
 from .memory import peak_extra_bytes
 from .providers import Provider
 
-CASES = ("forward", "backward", "forward+backward", "forward-only", "kto-step")
+# frozen-head: forward+backward with the weight frozen (LoRA/PEFT), so only dH is computed
+CASES = ("forward", "backward", "forward+backward", "frozen-head", "forward-only", "kto-step")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
 
 
@@ -63,6 +64,8 @@ def _runner(provider: Provider, shape, case: str, device: torch.device):
         return prepare, lambda: provider.fn(x)
     grad = case != "forward-only"
     hidden, weight, targets = shape.inputs(device, requires_grad=grad)
+    if case == "frozen-head":
+        weight.requires_grad_(False)
     upstream = torch.randn(shape.tokens, device=device)
 
     def forward():
@@ -75,7 +78,7 @@ def _runner(provider: Provider, shape, case: str, device: torch.device):
 
     if case == "backward":
         return loss, lambda value: value.backward()
-    if case == "forward+backward":
+    if case in ("forward+backward", "frozen-head"):
         return tuple, lambda: loss()[0].backward()
     return tuple, forward
 

@@ -90,9 +90,13 @@ def halo_logprobs(hidden, weight, targets):
     return linear_logprobs(hidden, weight, targets, check_targets=False, **HALO_OPTIONS)
 
 
-def halo_deterministic_logprobs(hidden, weight, targets):
-    """The owner-computes backward (no atomics): what the atomic default is weighed against."""
-    return linear_logprobs(hidden, weight, targets, check_targets=False, deterministic=True, **HALO_OPTIONS)
+def halo_schedule(schedule: str):
+    """halo-ops with one named backward schedule (``linear_logprobs(schedule=...)``)."""
+
+    def logprobs(hidden, weight, targets):
+        return linear_logprobs(hidden, weight, targets, check_targets=False, schedule=schedule, **HALO_OPTIONS)
+
+    return logprobs
 
 
 def halo_torch_logprobs(hidden, weight, targets):
@@ -107,7 +111,7 @@ PROVIDERS = {
     p.name: p
     for p in (
         Provider("halo-ops", halo_logprobs, _halo_triton_available),
-        Provider("halo-ops[deterministic]", halo_deterministic_logprobs, _halo_triton_available),
+        *(Provider(f"halo-ops[{s}]", halo_schedule(s), _halo_triton_available) for s in ("atomic", "owner", "slab", "gemm")),
         Provider("halo-ops[torch]", halo_torch_logprobs, _always),
         Provider("plain", plain_logprobs, _always),
         Provider("torch.compile", compiled_logprobs, _always),

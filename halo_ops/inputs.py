@@ -11,7 +11,7 @@ from .transform import LogitTransform
 from .validation import check_linear_inputs
 
 IMPLS = ("auto", "triton", "torch")
-SCHEDULES = ("auto", "atomic", "owner", "slab")
+SCHEDULES = ("auto", "atomic", "owner", "slab", "gemm")
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
@@ -48,10 +48,11 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
 
 def resolve_schedule(schedule: str, *, impl: str, deterministic: bool, grad_filter_eps: float,
                      device: torch.device, dtype: torch.dtype, dim: int, vocab: int) -> str:
-    """The backward schedule a call runs: ``"chunked"`` on the PyTorch path; on the Triton path ``"atomic"``
-    (one tile-parallel pass, fp32 atomics), ``"owner"`` (owner-computes passes, deterministic, one more
-    recompute) or ``"slab"`` (a bounded dL/dy slab per vocabulary slice and tensor-core GEMMs through torch,
-    deterministic).
+    """The schedule a call runs: ``"chunked"`` on the PyTorch path. On the Triton path, after the fused forward
+    kernel, a backward of ``"atomic"`` (one tile-parallel pass, fp32 atomics), ``"owner"`` (owner-computes
+    passes, deterministic, one more recompute) or ``"slab"`` (a bounded dL/dy slab per vocabulary slice,
+    then tensor-core GEMMs through torch, deterministic); or ``"gemm"``, both directions with every
+    product a torch GEMM and Triton folds over bounded slabs (deterministic).
 
     ``"auto"`` takes the tuned table's measured winner for this GPU, dtype and (D, V) bucket
     (``python -m bench.autotune --kernels schedule``). Where it has none: ``"atomic"`` with gradient

@@ -67,12 +67,14 @@ def linear_logprobs(
             dL/dz = g · (onehot − p) (gradient filtering, as in cut-cross-entropy) and skips the
             GEMMs of tiles left all zero: faster on peaked logits, approximate (each dropped entry
             changes dL/dz by less than eps · |g_t|). Same function on every path. 0 (off) by default.
-        schedule: the Triton backward's schedule, all computing the same function: ``"slab"`` (a
-            bounded dL/dy slab per vocabulary slice, then tensor-core GEMMs through torch; no atomics),
-            ``"atomic"`` (one fused tile-parallel pass, fp32 atomics), ``"owner"`` (owner-computes passes,
-            one more recompute), or ``"auto"`` (the measured winner for this GPU and shape where the tuned
-            table has one, else ``"atomic"`` with gradient filtering and ``"slab"`` otherwise). The PyTorch
-            path has one schedule and takes only ``"auto"``.
+        schedule: how the Triton path runs, every schedule computing the same function. After the fused
+            forward kernel, the backward is ``"slab"`` (a bounded dL/dy slab per vocabulary slice, then
+            tensor-core GEMMs through torch; no atomics), ``"atomic"`` (one fused tile-parallel pass, fp32
+            atomics) or ``"owner"`` (owner-computes passes, one more recompute); ``"gemm"`` runs both
+            directions with every product a torch GEMM and Triton folds over bounded slabs. ``"auto"``:
+            the measured winner for this GPU and shape where the tuned table has one, else ``"atomic"``
+            with gradient filtering and ``"slab"`` otherwise. The PyTorch path has one schedule and takes
+            only ``"auto"``.
 
     Returns float32 log-probs (float64 for float64 inputs), differentiable with respect to hidden,
     weight and bias; gradients come back in the inputs' dtypes. Under ``torch.autocast`` the

@@ -27,9 +27,9 @@ class BlockConfig:
     num_stages: int = 3
 
 
-KERNELS = ("forward", "backward", "backward_dh", "backward_dw", "slab")
+KERNELS = ("forward", "backward", "backward_dh", "backward_dw", "slab", "fold")
 SCHEDULE = "schedule"  # a table entry naming the fastest backward schedule instead of a block config
-BACKWARD_SCHEDULES = ("atomic", "owner", "slab")
+BACKWARD_SCHEDULES = ("atomic", "owner", "slab", "gemm")  # "gemm" covers the forward too
 
 # Defaults, not timed on a GPU yet (bench/NOTES.md). Half-precision tiles feed the tensor cores.
 # An exact fp32 tl.dot runs on the FMA units and holds its operands in registers, so fp32 takes
@@ -128,14 +128,13 @@ def dot_options(dtype: torch.dtype) -> dict:
     }
 
 
-def launch_options(config: BlockConfig) -> dict:
-    return {
-        "BLOCK_N": config.block_n,
-        "BLOCK_V": config.block_v,
-        "BLOCK_D": config.block_d,
-        "num_warps": config.num_warps,
-        "num_stages": config.num_stages,
-    }
+def launch_options(config: BlockConfig, with_block_d: bool = True) -> dict:
+    """Block sizes, warps and stages as launch keywords (``with_block_d=False`` for kernels without a D loop)."""
+    options = {"BLOCK_N": config.block_n, "BLOCK_V": config.block_v, "num_warps": config.num_warps,
+               "num_stages": config.num_stages}
+    if with_block_d:
+        options["BLOCK_D"] = config.block_d
+    return options
 
 
 def vocab_splits(n_tokens: int, vocab: int, config: BlockConfig, device: torch.device) -> int:

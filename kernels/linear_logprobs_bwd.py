@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .config import BlockConfig, device_arch, dot_options, launch_options, select_config
+from . import gemm_schedule
 from . import slab_backward as slab
 from .tiles import dlogits_tile
 from .transform import transform_args
@@ -207,8 +208,12 @@ def linear_logprobs_backward(
     """
     if options.schedule == "slab":
         return slab.slab_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs, config=config)
+    if options.schedule == "gemm":
+        return gemm_schedule.gemm_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs,
+                                           config=config)
     if options.schedule not in ("atomic", "owner"):
-        raise ValueError(f"the Triton backward runs schedule 'atomic', 'owner' or 'slab', got {options.schedule!r}")
+        raise ValueError(f"the Triton backward runs schedule 'atomic', 'owner', 'slab' or 'gemm', got "
+                         f"{options.schedule!r}")
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     needs_h, needs_w, needs_b = needs

@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gemm_schedule
 from .config import BlockConfig, device_arch, dot_options, launch_options, select_config, vocab_splits
-from .tiles import projection_tile
+from .tiles import fold_tile, projection_tile
 from .transform import logit_transform, transform_args
 
 
@@ -54,18 +55,8 @@ def linear_logprobs_fwd_kernel(
                 HAS_BIAS, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
             )
             b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-            b_z = tl.where(m_v[None, :], b_z, float("-inf"))
-            b_target_logit += tl.sum(tl.where(o_v[None, :] == b_target[:, None], b_z, 0.0), axis=1)
-            b_max_new = tl.maximum(b_max, tl.max(b_z, axis=1))
-            b_alpha = tl.exp(b_max - b_max_new)
-            b_e = tl.exp(b_z - b_max_new[:, None])
-            if RETURN_STATS:
-                b_centered = tl.where(m_v[None, :], b_z - b_max_new[:, None], 0.0)
-                b_shift = b_sum_exp * tl.where(b_sum_exp > 0, b_max - b_max_new, 0.0)  # s = 0 while m = −inf
-                b_centered_sum = (b_centered_sum + b_shift) * b_alpha + tl.sum(b_e * b_centered, axis=1)
-                b_logit_sum += tl.sum(tl.where(m_v[None, :], b_z, 0.0), axis=1)
-            b_sum_exp = b_sum_exp * b_alpha + tl.sum(b_e, axis=1)
-            b_max = b_max_new
+            b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = fold_tile(
+                b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS)
 
     o_out = pid_s.to(tl.int64) * N + o_n
     tl.store(max_ptr + o_out, b_max, mask=m_n)
@@ -88,12 +79,15 @@ def linear_logprobs_forward(
 ) -> torch.Tensor:
     """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 → partials [3 or 5, S, N] fp32.
 
-    ``options``: a ``halo_ops.options.TokenOptions`` (transform, ignore_index, return_stats are read).
+    ``options``: a ``halo_ops.options.TokenOptions`` (transform, ignore_index, return_stats are read; its
+    schedule ``"gemm"`` runs ``gemm_schedule.gemm_forward`` instead of the fused kernel).
     The partials are those of ``halo_ops.partials`` (max, Σ exp, target logit[, centered sum, Σ z]) per
     vocabulary split; ``halo_ops.partials.merge_partials`` turns them into log-probs. ``config``: block
     sizes, warps and stages (default: the tuned table's entry for this GPU, dtype and shape, or the
     dtype's default); ``splits``: vocabulary splits (default: enough programs to fill the GPU).
     """
+    if options.schedule == "gemm":
+        return gemm_schedule.gemm_forward(hidden, weight, bias, targets, options, config=config)
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     config = config or select_config("forward", hidden.dtype, dim, vocab, device_arch(hidden.device))

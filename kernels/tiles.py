@@ -45,12 +45,20 @@ def dlogits_tile(
 ):
     """dL/dy for one [BLOCK_N, BLOCK_V] tile: g · (onehot − p) · dz/dy with p = exp(z − lse), 0 outside the
     problem; with HAS_FILTER, p < filter_eps is taken as 0 (gradient filtering)."""
-    b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
-    b_lse = tl.load(lse_ptr + o_n, mask=m_n, other=float("inf"))
     b_y = projection_tile(
         h_ptr, w_ptr, bias_ptr, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
         HAS_BIAS, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
+    return dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, logit_scale, softcap,
+                                   temperature, inv_temperature, filter_eps, HAS_SOFTCAP, HAS_FILTER)
+
+
+@triton.jit
+def dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, logit_scale, softcap, temperature,
+                            inv_temperature, filter_eps, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr):
+    """dL/dy from a tile of the raw projection y (bias included), however it was computed."""
+    b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
+    b_lse = tl.load(lse_ptr + o_n, mask=m_n, other=float("inf"))
     b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
     b_onehot = tl.where(o_v[None, :] == b_target[:, None], 1.0, 0.0)
     b_p = tl.exp(b_z - b_lse[:, None])
@@ -59,3 +67,23 @@ def dlogits_tile(
     b_dz = b_g[:, None] * (b_onehot - b_p)
     b_dz = b_dz * logit_transform_grad(b_z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
     return tl.where(m_n[:, None] & m_v[None, :], b_dz, 0.0)
+
+
+@triton.jit
+def fold_tile(b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum,
+              RETURN_STATS: tl.constexpr):
+    """Fold a [BLOCK_N, BLOCK_V] tile of transformed logits into each row's running partials (the online form
+    of ``halo_ops.partials``): max, Σ exp(z − max), the target's logit, and with RETURN_STATS the centered sum
+    Σ exp(z − max)(z − max) and Σ z. Returns the five updated [BLOCK_N] blocks."""
+    b_z = tl.where(m_v[None, :], b_z, float("-inf"))
+    b_target_logit += tl.sum(tl.where(o_v[None, :] == b_target[:, None], b_z, 0.0), axis=1)
+    b_max_new = tl.maximum(b_max, tl.max(b_z, axis=1))
+    b_alpha = tl.exp(b_max - b_max_new)
+    b_e = tl.exp(b_z - b_max_new[:, None])
+    if RETURN_STATS:
+        b_centered = tl.where(m_v[None, :], b_z - b_max_new[:, None], 0.0)
+        b_shift = b_sum_exp * tl.where(b_sum_exp > 0, b_max - b_max_new, 0.0)  # s = 0 while m = −inf
+        b_centered_sum = (b_centered_sum + b_shift) * b_alpha + tl.sum(b_e * b_centered, axis=1)
+        b_logit_sum += tl.sum(tl.where(m_v[None, :], b_z, 0.0), axis=1)
+    b_sum_exp = b_sum_exp * b_alpha + tl.sum(b_e, axis=1)
+    return b_max_new, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum

@@ -360,7 +360,7 @@ def test_grad_filter_eps_must_be_non_negative():
 
 # --- backward schedules: one function, three ways ---------------------------------------------------
 
-SCHEDULES = ["atomic", "owner", "slab"]
+SCHEDULES = ["atomic", "owner", "slab", "gemm"]
 SCHEDULE_OPTIONS = {
     "plain": {},
     "everything": {"bias": True, "softcap": 4.0, "logit_scale": 1.9, "temperature": 0.8, "ignore_frac": 0.3,
@@ -396,8 +396,9 @@ def test_every_schedule_with_a_frozen_head_and_filtering(schedule):
         torch.testing.assert_close(leaf.grad.double(), expected_dh, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("schedule", ["slab", "gemm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_slab_in_slices_and_token_chunks(dtype, monkeypatch):
+def test_slabs_in_slices_and_token_chunks(schedule, dtype, monkeypatch):
     """A slab budget far below the problem: vocabulary slices of 256 columns and chunks of 20 tokens, with the
     dW slice then accumulated in fp32; the same gradients as one slab, every slab element written."""
     from halo_ops.kernels import linear_logprobs_backward, slab_backward
@@ -405,15 +406,19 @@ def test_slab_in_slices_and_token_chunks(dtype, monkeypatch):
     case = Case(batch=1, seq=66, dim=24, vocab=700, bias=True, softcap=3.0, ignore_frac=0.2, dtype=dtype)
     hidden, weight, bias, targets, upstream = case.inputs()
     hidden, targets, upstream = hidden[0], targets[0], upstream[0]
-    options = token_options(softcap=3.0, schedule="slab")
-    _, lse, _, _ = triton_forward(hidden, weight, bias, targets, options)
+    options = token_options(softcap=3.0, schedule=schedule, return_stats=True)
+    forward = triton_forward(hidden, weight, bias, targets, options)
+    lse = forward[1]
     grad = torch.where(targets != -100, upstream, 0.0).float()
     grad[:40] = 0.0  # two whole token chunks without gradient: their blocks store zeros without a recompute
     whole = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, options, (True, True, True))
-    budget = 256 * 20 * dtype.itemsize
-    assert slab_backward.slab_shape(66, 700, dtype.itemsize, budget) == (20, 256)
+    itemsize = 4 if schedule == "gemm" else dtype.itemsize  # the GEMM schedule's logits slab is fp32
+    budget = 256 * 20 * itemsize
+    assert slab_backward.slab_shape(66, 700, itemsize, budget) == (20, 256)
     monkeypatch.setattr(slab_backward, "SLAB_BYTES", budget)
     sliced = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, options, (True, True, True))
+    for one, many in zip(forward, triton_forward(hidden, weight, bias, targets, options)):  # 3 slices, 4 chunks
+        torch.testing.assert_close(many, one)
     tolerance = {"atol": 1e-2, "rtol": 1e-2} if dtype == torch.bfloat16 else {"atol": 2e-3, "rtol": 2e-3}
     for one, many in zip(whole, sliced):
         assert many.dtype == one.dtype and torch.isfinite(many).all()

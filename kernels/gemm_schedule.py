@@ -1,0 +1,183 @@
+"""GEMM schedule: every product a torch GEMM (cuBLAS on a GPU), Triton only for the folds, slab by slab.
+
+Forward, for each vocabulary slice of ``cols`` columns (and each chunk of ``rows`` tokens when all of
+them do not fit the byte budget): ``Y = H · W[slice]ᵀ`` into an fp32 slab, then ``logits_fold_kernel``
+folds it, with the bias and the logit transform, into per-row partials of that slice
+(``halo_ops.partials``; the token op merges the slices).
+
+Backward, per slice: the same GEMM again, then ``dlogits_from_slab_kernel`` writes
+``dL/dy = g · (onehot − exp(z − lse)) · dz/dy`` into a slab in the inputs' dtype, then
+``dW[slice] = dL/dyᵀ · H`` (straight into dW's dtype), ``dH += dL/dy · W[slice]`` (fp32) and
+``db[slice] = Σ dL/dy``. Three GEMMs in the backward and one in the forward, all at the GEMM library's
+rate; the folds read and write the slabs, O(N · V) bytes of traffic that the fused kernels avoid.
+Where the GEMM can write fp32 from half-precision operands (``out_dtype``, CUDA, torch 2.8+) the
+logits slab is fp32, as the fused kernels' logits are; elsewhere on CUDA it is in the inputs' dtype
+(as in TRL's head). Deterministic: no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import device_arch, launch_options, select_config
+from .slab_backward import add_product_fp32, slab_shape
+from .tiles import dlogits_from_projection, fold_tile
+from .transform import logit_transform, transform_args
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.jit
+def logits_fold_kernel(
+    y_ptr, bias_ptr, targets_ptr,
+    max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr,
+    N, V, stride_y, logit_scale, softcap, temperature, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_STATS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One program per BLOCK_N rows of the slab: the row's partials over the slab's V columns (the targets are
+    relative to the slab's first column; an ignored row's target logit is masked when the pieces merge)."""
+    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
+    b_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    b_sum_exp = tl.zeros((BLOCK_N,), tl.float32)
+    b_target_logit = tl.zeros((BLOCK_N,), tl.float32)
+    b_centered_sum = tl.zeros((BLOCK_N,), tl.float32)
+    b_logit_sum = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        p_y = y_ptr + o_n[:, None].to(tl.int64) * stride_y + o_v[None, :]
+        b_y = tl.load(p_y, mask=m_n[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b_y += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+        b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+        b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = fold_tile(
+            b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS)
+    tl.store(max_ptr + o_n, b_max, mask=m_n)
+    tl.store(sum_exp_ptr + o_n, b_sum_exp, mask=m_n)
+    tl.store(target_logit_ptr + o_n, b_target_logit, mask=m_n)
+    if RETURN_STATS:
+        tl.store(centered_sum_ptr + o_n, b_centered_sum, mask=m_n)
+        tl.store(logit_sum_ptr + o_n, b_logit_sum, mask=m_n)
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.jit
+def dlogits_from_slab_kernel(
+    y_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, dy_ptr,
+    N, V, stride_y, stride_dy, logit_scale, softcap, temperature, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """dL/dy for one [BLOCK_N, BLOCK_V] tile of the projection slab, into the dL/dy slab."""
+    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_n = o_n < N
+    m_v = o_v < V
+    m = m_n[:, None] & m_v[None, :]
+    b_g = tl.load(grad_ptr + o_n, mask=m_n, other=0.0)
+    b_y = tl.load(y_ptr + o_n[:, None].to(tl.int64) * stride_y + o_v[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_y += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    b_dz = dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, logit_scale, softcap,
+                                   temperature, inv_temperature, filter_eps, HAS_SOFTCAP, HAS_FILTER)
+    p_dy = dy_ptr + o_n[:, None].to(tl.int64) * stride_dy + o_v[None, :]
+    tl.store(p_dy, b_dz.to(dy_ptr.dtype.element_ty), mask=m)
+
+
+_FP32_OUT_MM: dict[str, bool] = {}
+
+
+def projection_fp32(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``hidden · weightᵀ`` into ``out`` (an fp32 slab view), or, on CUDA where torch cannot write fp32 from
+    half-precision operands, into a slab view of the inputs' dtype returned instead. Off CUDA: upcast, exact."""
+    if hidden.dtype == torch.float32:
+        return torch.mm(hidden, weight.t(), out=out)
+    if hidden.device.type != "cuda":
+        return torch.mm(hidden.float(), weight.float().t(), out=out)
+    if _FP32_OUT_MM.get("cuda", True):
+        try:
+            result = torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
+            _FP32_OUT_MM["cuda"] = True
+            return result
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT_MM["cuda"] = False
+    return hidden @ weight.t()
+
+
+def _slices(n_tokens: int, vocab: int, slab_bytes: int | None):
+    """(rows, cols) of the fp32 projection slab, and the vocabulary slices and token chunks it walks."""
+    rows, cols = slab_shape(n_tokens, vocab, 4, slab_bytes)
+    return rows, cols, [(v0, min(v0 + cols, vocab)) for v0 in range(0, vocab, cols)], \
+        [(n0, min(n0 + rows, n_tokens)) for n0 in range(0, n_tokens, rows)]
+
+
+def gemm_forward(hidden, weight, bias, targets, options, *, slab_bytes=None, config=None) -> torch.Tensor:
+    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] → partials [3 or 5, S, N] fp32, one piece per
+    vocabulary slice (``options``: a ``halo_ops.options.TokenOptions``; transform, ignore_index, return_stats)."""
+    n_tokens, dim = hidden.shape
+    vocab = weight.shape[0]
+    rows, cols, slices, chunks = _slices(n_tokens, vocab, slab_bytes)
+    stats = options.return_stats
+    partials = torch.empty((5 if stats else 3, len(slices), n_tokens), dtype=torch.float32, device=hidden.device)
+    slab = torch.empty((rows, cols), dtype=torch.float32, device=hidden.device)
+    cfg = config or select_config("fold", hidden.dtype, dim, vocab, device_arch(hidden.device))
+    for k, (v0, v1) in enumerate(slices):
+        for n0, n1 in chunks:
+            y = projection_fp32(slab[: n1 - n0, : v1 - v0], hidden[n0:n1], weight[v0:v1])
+            piece = partials[:, k, n0:n1]
+            logits_fold_kernel[(triton.cdiv(n1 - n0, cfg.block_n),)](
+                y, None if bias is None else bias[v0:v1], targets[n0:n1] - v0,
+                *piece[:3], *(piece[3:] if stats else (None, None)),
+                n1 - n0, v1 - v0, y.stride(0), RETURN_STATS=stats, **transform_args(options.transform),
+                **launch_options(cfg, with_block_d=False),
+            )
+    return partials
+
+
+def gemm_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs, *, slab_bytes=None, config=None):
+    """Gradients of Σ_t grad_logps[t] · logps[t] by the GEMM schedule: fp32 dH, dW in the weight's dtype, fp32 db;
+    None where ``needs`` says no."""
+    n_tokens, dim = hidden.shape
+    vocab = weight.shape[0]
+    needs_h, needs_w, needs_b = needs[0], needs[1], needs[2] and bias is not None
+    f32 = {"dtype": torch.float32, "device": hidden.device}
+    grad_h = torch.zeros((n_tokens, dim), **f32) if needs_h else None
+    grad_b = torch.zeros((vocab,), **f32) if needs_b else None
+    grad_w = None
+    if needs_w:
+        grad_w = (torch.empty if n_tokens else torch.zeros)((vocab, dim), dtype=weight.dtype, device=weight.device)
+    if n_tokens == 0 or not (needs_h or needs_w or needs_b):
+        return grad_h, grad_w, grad_b
+    rows, cols, slices, chunks = _slices(n_tokens, vocab, slab_bytes)
+    slab = torch.empty((rows, cols), **f32)
+    dy_slab = torch.empty((rows, cols), dtype=hidden.dtype, device=hidden.device)
+    cfg = config or select_config("fold", hidden.dtype, dim, vocab, device_arch(hidden.device))
+    eps = float(options.grad_filter_eps)
+    for v0, v1 in slices:
+        w_slice = weight[v0:v1]
+        grad_w_slice = torch.zeros((v1 - v0, dim), **f32) if needs_w and len(chunks) > 1 else None
+        for n0, n1 in chunks:
+            y = projection_fp32(slab[: n1 - n0, : v1 - v0], hidden[n0:n1], w_slice)
+            dy = dy_slab[: n1 - n0, : v1 - v0]
+            dlogits_from_slab_kernel[(triton.cdiv(n1 - n0, cfg.block_n), triton.cdiv(v1 - v0, cfg.block_v))](
+                y, None if bias is None else bias[v0:v1], targets[n0:n1] - v0, lse[n0:n1], grad_logps[n0:n1], dy,
+                n1 - n0, v1 - v0, y.stride(0), dy.stride(0), filter_eps=eps, HAS_FILTER=eps > 0,
+                **transform_args(options.transform), **launch_options(cfg, with_block_d=False),
+            )
+            if needs_h:
+                add_product_fp32(grad_h[n0:n1], dy, w_slice)
+            if needs_w:
+                if grad_w_slice is None:
+                    torch.mm(dy.t(), hidden, out=grad_w[v0:v1])
+                else:
+                    add_product_fp32(grad_w_slice, dy.t(), hidden[n0:n1])
+            if needs_b:
+                grad_b[v0:v1] += dy.sum(0, dtype=torch.float32)
+        if grad_w_slice is not None:
+            grad_w[v0:v1].copy_(grad_w_slice)
+    return grad_h, grad_w, grad_b
+
