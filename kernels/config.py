@@ -137,11 +137,13 @@ def launch_options(config: BlockConfig, with_block_d: bool = True) -> dict:
     return options
 
 
-def vocab_splits(n_tokens: int, vocab: int, config: BlockConfig, device: torch.device) -> int:
-    """Split the vocabulary across programs when there are too few token blocks to fill the device."""
+def vocab_splits(n_tokens: int, vocab: int, config: BlockConfig, device: torch.device, group: int = 1) -> int:
+    """Vocabulary splits: enough that ``group`` token blocks (the forward grid's group) and the splits fill the
+    device twice over, and enough that all token blocks do when there are few; at most one per BLOCK_V."""
     if device.type != "cuda":
         return 1
     token_blocks = -(-n_tokens // config.block_n)
     vocab_blocks = -(-vocab // config.block_v)
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(vocab_blocks, -(-target // max(token_blocks, 1))))
+    in_flight = max(1, min(group, token_blocks))
+    return max(1, min(vocab_blocks, -(-target // in_flight)))

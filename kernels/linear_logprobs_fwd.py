@@ -1,6 +1,9 @@
 """Forward kernel: per-token log-probs of transform(h · Wᵀ + b) with an online logsumexp.
 
-Grid: (token blocks, vocabulary splits). Each program owns BLOCK_N tokens and one contiguous
+Grid: token blocks × vocabulary splits, in one grouped dimension: GROUP_N token blocks run with
+every split before the next group starts, so that the programs in flight share a few blocks of H
+(which stay in L2) and each tile of W is read by GROUP_N programs at about the same time (the
+GROUP_SIZE_M order of Triton's matmul tutorial). Each program owns BLOCK_N tokens and one contiguous
 vocabulary range; it streams BLOCK_V-wide tiles of logits computed with ``tl.dot`` over D, folds
 each into a running max ``m``, ``s = Σ exp(z − m)`` and, with stats, ``u = Σ exp(z − m)(z − m)``
 and ``Σ z``, and picks the target logit inside the tile (the online form of the merge in
@@ -19,6 +22,8 @@ from .config import BlockConfig, device_arch, dot_options, launch_options, selec
 from .tiles import fold_tile, projection_tile
 from .transform import logit_transform, transform_args
 
+GROUP_N = 8  # token blocks per group of the grid's order
+
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
 @triton.jit
@@ -30,10 +35,15 @@ def linear_logprobs_fwd_kernel(
     ignore_index, logit_scale, softcap, temperature, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_STATS: tl.constexpr,
     UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid = tl.program_id(0)
+    splits = tl.cdiv(V, vocab_per_split)
+    per_group = GROUP_N * splits
+    first_n = (pid // per_group) * GROUP_N
+    group_n = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_n
+    pid_s = (pid % per_group) // group_n
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     b_target = tl.load(targets_ptr + o_n, mask=m_n, other=ignore_index)
@@ -76,6 +86,7 @@ def linear_logprobs_forward(
     *,
     config: BlockConfig | None = None,
     splits: int | None = None,
+    group: int = GROUP_N,
 ) -> torch.Tensor:
     """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 → partials [3 or 5, S, N] fp32.
 
@@ -84,27 +95,28 @@ def linear_logprobs_forward(
     The partials are those of ``halo_ops.partials`` (max, Σ exp, target logit[, centered sum, Σ z]) per
     vocabulary split; ``halo_ops.partials.merge_partials`` turns them into log-probs. ``config``: block
     sizes, warps and stages (default: the tuned table's entry for this GPU, dtype and shape, or the
-    dtype's default); ``splits``: vocabulary splits (default: enough programs to fill the GPU).
+    dtype's default); ``splits``: vocabulary splits (default: enough to fill the GPU with ``group`` token
+    blocks in flight); ``group``: token blocks per group of the grid's order.
     """
     if options.schedule == "gemm":
         return gemm_schedule.gemm_forward(hidden, weight, bias, targets, options, config=config)
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     config = config or select_config("forward", hidden.dtype, dim, vocab, device_arch(hidden.device))
-    splits = splits or vocab_splits(n_tokens, vocab, config, hidden.device)
+    splits = splits or vocab_splits(n_tokens, vocab, config, hidden.device, group)
     vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), config.block_v) * config.block_v
     splits = triton.cdiv(vocab, vocab_per_split)
     stats = options.return_stats
     partials = torch.empty((5 if stats else 3, splits, n_tokens), dtype=torch.float32, device=hidden.device)
     stats_ptrs = (partials[3], partials[4]) if stats else (None, None)
-    grid = (triton.cdiv(n_tokens, config.block_n), splits)
+    grid = (triton.cdiv(n_tokens, config.block_n) * splits,)
     linear_logprobs_fwd_kernel[grid](
         hidden, weight, bias, targets,
         partials[0], partials[1], partials[2], *stats_ptrs,
         n_tokens, vocab, dim, vocab_per_split,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         options.ignore_index,
-        RETURN_STATS=stats,
+        RETURN_STATS=stats, GROUP_N=group,
         **transform_args(options.transform),
         **dot_options(hidden.dtype),
         **launch_options(config),

@@ -181,10 +181,11 @@ def test_property_matches_float64_reference(impl, case):
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-@pytest.mark.parametrize("splits", [1, 2, 5])
+@pytest.mark.parametrize(("splits", "group"), [(1, 8), (2, 2), (5, 1), (5, 2), (3, 8)])
 @pytest.mark.parametrize("return_stats", [False, True])
-def test_triton_small_blocks_and_vocab_splits(splits, return_stats, deterministic):
-    """Blocks far smaller than the problem, V not a multiple of any tile, vocab split across programs."""
+def test_triton_small_blocks_and_vocab_splits(splits, group, return_stats, deterministic):
+    """Blocks far smaller than the problem, V not a multiple of any tile, vocab split across programs, and the
+    grid's groups of token blocks whole, partial (5 blocks in groups of 2) or larger than the grid."""
     from halo_ops.kernels import BlockConfig, linear_logprobs_backward
 
     config = BlockConfig(block_n=16, block_v=32, block_d=16)
@@ -193,7 +194,7 @@ def test_triton_small_blocks_and_vocab_splits(splits, return_stats, deterministi
     hidden, targets, upstream = hidden[0], targets[0], upstream[0]
     options = token_options(softcap=3.0, return_stats=return_stats, deterministic=deterministic)
     logps, lse, entropy, mean_logit = triton_forward(hidden, weight, bias, targets, options, config=config,
-                                                     splits=splits)
+                                                     splits=splits, group=group)
     exact = linear_logprobs_reference(hidden.double(), weight.double(), targets, bias.double(), softcap=3.0)
     torch.testing.assert_close(logps.double(), exact.logps, atol=2e-5, rtol=0)
     if return_stats:
