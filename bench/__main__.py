@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .kto_step import KTO_PROVIDERS, KTOShape, mean_entropy
+from .kto_step import KTO_PROVIDERS, LOSS_PROVIDERS, KTOShape, mean_entropy
 from .measure import CASES, DTYPES, Shape, peak_row, time_row
 from .providers import HALO_OPTIONS, PROVIDERS
 from .report import add_ratios, environment, plot, write
@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default="forward+backward,forward-only",
                         help=f"comma list of {', '.join(CASES)}")
     parser.add_argument("--providers", default=None,
-                        help=f"comma list (default: all that apply) of {', '.join(dict.fromkeys([*PROVIDERS, *KTO_PROVIDERS]))}")
+                        help=f"comma list (default: all that apply) of {', '.join(dict.fromkeys([*PROVIDERS, *KTO_PROVIDERS, *LOSS_PROVIDERS]))}")
     parser.add_argument("--seq", type=int, default=512, help="kto-step: tokens per sequence (B = tokens / seq)")
     parser.add_argument("--distribution", default="random",
                         help="comma list of random, peaked (logits like a trained model's; kto-step)")
@@ -52,14 +52,15 @@ def main(argv=None) -> None:
     jobs = []  # (row, provider, shape) for every measurable row, in table order
     rows = []
     for case in args.cases.split(","):
-        registry = KTO_PROVIDERS if case == "kto-step" else PROVIDERS
+        registry = {"kto-step": KTO_PROVIDERS, "kto-loss": LOSS_PROVIDERS}.get(case, PROVIDERS)
         providers = [registry[name] for name in (wanted or registry) if name in registry]
-        distributions = args.distribution.split(",") if case == "kto-step" else ["random"]
+        sequences = case in ("kto-step", "kto-loss")
+        distributions = args.distribution.split(",") if sequences else ["random"]
         for n in tokens:
             for d in hiddens:
                 for v in vocabs:
                     for distribution in distributions:
-                        if case == "kto-step":
+                        if sequences:
                             shape = KTOShape(max(1, n // args.seq), min(n, args.seq), d, v, dtype,
                                              peaked=distribution == "peaked")
                             entropy = mean_entropy(shape, device)
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
             print(f"{phase:6s} {row['case']:17s} N={row['tokens']:<6d} D={row['hidden']:<5d} V={row['vocab']:<7d} "
                   f"{row['distribution']:7s} {provider.name:16s} {shown}", flush=True)
     for row in rows:  # what a provider needs beyond the gradient outputs it must return
-        if "peak_mib" in row and row["case"] in ("backward", "forward+backward", "frozen-head", "kto-step"):
+        if "peak_mib" in row and row["case"] in ("backward", "forward+backward", "frozen-head", "kto-step", "kto-loss"):
             rows_with_grad = row["tokens"] + (0 if row["case"] == "frozen-head" else row["vocab"])
             grads = rows_with_grad * row["hidden"] * dtype.itemsize
             row["extra_mib"] = row["peak_mib"] - grads / 2**20

@@ -145,3 +145,36 @@ def mean_entropy(shape: KTOShape, device) -> float:
         out = linear_logprobs(x["hidden"].detach(), x["weight"].detach(), x["targets"], return_stats=True)
     valid = x["targets"] != -100
     return (out.entropy[valid].float().mean()).item()
+
+
+def _policy_loss(fused: bool, **options):
+    """The policy's KTO loss alone (forward and backward; reference and z0 given): the fused op, or the public
+    pieces composed, ``linear_logprobs(reduction="sum")`` then ``kto_loss``."""
+
+    def step(x):
+        ref = x.setdefault("_ref", torch.randn(x["labels"].shape[0], generator=torch.Generator().manual_seed(1),
+                                               device="cpu").to(x["hidden"].device) - 50)
+        if fused:
+            loss = fused_linear_kto_loss(x["hidden"], x["weight"], x["targets"], x["labels"], ref, kl=0.1, beta=BETA,
+                                         check_targets=False, **options).loss
+        else:
+            policy = linear_logprobs(x["hidden"], x["weight"], x["targets"], reduction="sum", check_targets=False,
+                                     **options)
+            loss = kto_loss(policy, ref, x["labels"], kl=0.1, beta=BETA).loss
+        loss.backward()
+        return loss
+
+    return step
+
+
+# Case "kto-loss": the fused op against composing the public pieces, on each path and schedule
+LOSS_PROVIDERS = {
+    p.name: p
+    for p in (
+        Provider("halo-ops[torch]", _policy_loss(True, impl="torch"), _always),
+        Provider("halo-ops[torch,recompute]", _policy_loss(True, impl="torch", recompute=True), _always),
+        Provider("halo-ops[torch,composed]", _policy_loss(False, impl="torch"), _always),
+        Provider("halo-ops", _policy_loss(True), _halo_triton_available),
+        Provider("halo-ops[composed]", _policy_loss(False), _halo_triton_available),
+    )
+}

@@ -12,7 +12,8 @@ from .memory import peak_extra_bytes
 from .providers import Provider
 
 # frozen-head: forward+backward with the weight frozen (LoRA/PEFT), so only dH is computed
-CASES = ("forward", "backward", "forward+backward", "frozen-head", "forward-only", "kto-step")
+# kto-loss: the policy's KTO loss alone, forward and backward (bench.kto_step.LOSS_PROVIDERS)
+CASES = ("forward", "backward", "forward+backward", "frozen-head", "forward-only", "kto-step", "kto-loss")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
 
 
@@ -54,7 +55,7 @@ def median_seconds(fn, device, repeats: int, setup=None) -> float:
 
 def _runner(provider: Provider, shape, case: str, device: torch.device):
     """(prepare, run) for one row: ``run(*prepare())`` is the measured call, ``prepare`` is not measured."""
-    if case == "kto-step":
+    if case in ("kto-step", "kto-loss"):
         x = shape.inputs(device)
 
         def prepare():
@@ -87,7 +88,7 @@ def time_row(provider: Provider, shape, case: str, device: torch.device, repeats
     """Median milliseconds of one case (after a warm-up call, which also compiles)."""
     prepare, run = _runner(provider, shape, case, device)
     run(*prepare())
-    if device.type == "cuda" and case not in ("backward", "kto-step"):
+    if device.type == "cuda" and case not in ("backward", "kto-step", "kto-loss"):
         return median_seconds(run, device, repeats) * 1e3
     return median_seconds(run, device, repeats, setup=prepare) * 1e3
 

@@ -160,3 +160,79 @@ def chunked_backward(hidden, weight, bias, targets, lse, grad_logps, options: To
         if sliced:
             grad_w[s0:s1] = gw_s
     return grad_h, grad_w, grad_b
+
+
+# Logits of one chunk of whole sequences in the eager schedule, with the softmax beside them: rows × V × 2 floats.
+EAGER_BYTES = 1 << 28
+
+
+def eager_sequences_per_chunk(seq: int, vocab: int, dtype: torch.dtype) -> int:
+    """Whole sequences per chunk of the eager schedule within ``EAGER_BYTES``; 0 when one sequence does not fit."""
+    row_bytes = 2 * vocab * accumulation_dtype(dtype).itemsize
+    return EAGER_BYTES // max(1, seq * row_bytes)
+
+
+def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int, token_coefficients,
+                  needs: tuple[bool, bool, bool]):
+    """The token op's forward and, in the same pass, the gradients of a sequence-level loss: three GEMMs, no
+    recompute.
+
+    For a loss whose coefficient dloss/dlogp_t for a sequence's tokens depends on that sequence alone (given
+    constants such as the batch size), ``token_coefficients(logps [b, T], first_sequence) -> [b, T]`` gives
+    them for a chunk of whole sequences from its per-token log-probs. Each chunk's logits ``[rows, V]`` and
+    its softmax are built once (``EAGER_BYTES`` bounds them), then ``dL/dy = g · (onehot − p) · dz/dy``,
+    ``dH = dL/dy · W`` and ``dW += dL/dyᵀ · H``. Rows with an ignored target are left out on CPU.
+
+    Returns (logps, lse, entropy, mean_logit) [N] as ``forward_tokens`` does, and the gradients (dH [N, D],
+    dW [V, D], db [V]) in the accumulation dtype, None where ``needs`` says no.
+    """
+    n_tokens, dim = hidden.shape
+    vocab = weight.shape[0]
+    acc = accumulation_dtype(hidden.dtype)
+    transform, stats = options.transform, options.return_stats
+    per_chunk = eager_sequences_per_chunk(seq, vocab, hidden.dtype)
+    if per_chunk < 1:
+        raise ValueError(f"a sequence of {seq} tokens does not fit the eager chunk ({EAGER_BYTES} bytes)")
+    new = {"dtype": acc, "device": hidden.device}
+    logps, lse = torch.zeros(n_tokens, **new), torch.full((n_tokens,), float("inf"), **new)
+    entropy = torch.zeros(n_tokens, **new) if stats else None
+    mean_logit = torch.zeros(n_tokens, **new) if stats else None
+    grad_h = torch.zeros((n_tokens, dim), **new) if needs[0] else None
+    grad_w = torch.zeros((vocab, dim), **new) if needs[1] else None
+    grad_b = torch.zeros(vocab, **new) if needs[2] and bias is not None else None
+    w, b = weight.to(acc), None if bias is None else bias.to(acc)
+    for s0 in range(0, n_tokens // max(seq, 1), per_chunk):
+        r0, r1 = s0 * seq, min((s0 + per_chunk) * seq, n_tokens)
+        t_all = targets[r0:r1]
+        rows = _active_rows(t_all != options.ignore_index)
+        local = torch.arange(r1 - r0, device=hidden.device) if rows is None else rows
+        h_c, t_c = hidden[r0:r1][local].to(acc), t_all[local]
+        z = transform.apply_(torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t())  # GEMM 1
+        row_max = z.amax(1, keepdim=True)
+        p = torch.sub(z, row_max).exp_()
+        sum_exp = p.sum(1)
+        lse_c = row_max.squeeze(1) + torch.log(sum_exp)
+        p.div_(sum_exp.unsqueeze(1))
+        valid = t_c != options.ignore_index
+        target = t_c.clamp(0, vocab - 1)
+        logps_c = torch.where(valid, z.gather(1, target.unsqueeze(1)).squeeze(1) - lse_c, 0.0)
+        chunk_logps = torch.zeros(r1 - r0, **new).index_copy_(0, local, logps_c)
+        g = token_coefficients(chunk_logps.view(-1, seq), s0).reshape(-1)[local].to(acc)
+        g = torch.where(valid, g, 0.0)
+        out = local + r0
+        logps[out], lse[out] = logps_c, torch.where(valid, lse_c, float("inf"))
+        if stats:
+            entropy[out] = torch.where(valid, lse_c - torch.einsum("nv,nv->n", p, z), 0.0)
+            mean_logit[out] = torch.where(valid, z.sum(1) / vocab, 0.0)
+        dz = p.mul_(-g.unsqueeze(1))
+        dz.index_put_((torch.arange(len(t_c), device=hidden.device), target), torch.where(valid, g, 0.0),
+                      accumulate=True)
+        dy = transform.grad_from_logits_(dz, z)
+        del z
+        if grad_h is not None:
+            grad_h[out] = dy @ w  # GEMM 2
+        if grad_w is not None:
+            grad_w.addmm_(dy.t(), h_c)  # GEMM 3
+        if grad_b is not None:
+            grad_b += dy.sum(0)
+    return (logps, lse, entropy, mean_logit), (grad_h, grad_w, grad_b)

@@ -29,6 +29,7 @@ from .losses.kto import (
     metrics_from_sums,
     reference_point,
 )
+from .chunked import eager_sequences_per_chunk
 from .options import accumulation_dtype
 from .token_op import forward_tokens, projection_grads
 from .validation import check_sequence_tensor
@@ -45,6 +46,8 @@ class KTOOptions:
     undesirable_weight: float
     average_log_prob: bool
     saturation_threshold: float
+    # (hidden, weight, bias) gradients to form in the forward (the eager schedule), or None to recompute
+    eager: Optional[tuple] = None
 
 
 def _sequence_terms(impl, policy_logps, ref_logps, labels, kl, options: KTOOptions, token_stats):
@@ -61,57 +64,101 @@ def _sequence_terms(impl, policy_logps, ref_logps, labels, kl, options: KTOOptio
     return losses.detach(), coeff, rewards, sums
 
 
-@torch.library.custom_op("halo_ops::fused_linear_kto", mutates_args=())
-def _fused_linear_kto(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, labels: Tensor, ref_logps: Tensor,
-    kl: Tensor, token_options: str, kto_options: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """hidden [N, D], targets [N] (N = B·T) → (loss, losses [B], policy_logps [B], rewards [B], sums, lse [N],
-    token coefficients [N] = dloss/dlogp_t), in the accumulation dtype but for the float32 sums."""
-    token, kto = opts.decode(token_options), opts.decode(kto_options)
-    batch = targets.shape[0] // kto.seq if kto.seq else 0
-    token_logps, lse, entropy, mean_logit = forward_tokens(token, hidden, weight, bias, targets)
-    acc = token_logps.dtype
-    valid = (targets != token.ignore_index).view(batch, kto.seq)
-    counts = valid.sum(-1).to(acc)
-    policy_logps = token_logps.view(batch, kto.seq).sum(-1)
-    if kto.average_log_prob:
-        policy_logps = policy_logps / counts.clamp(min=1)
-    token_stats = (mean_logit.view(batch, kto.seq).sum(-1), counts, entropy.view(batch, kto.seq).sum(-1))
-    losses, coeff, rewards, sums = _sequence_terms(token.impl, policy_logps, ref_logps.to(acc), labels,
-                                                   kl.to(acc), kto, token_stats)
-    losses, coeff, rewards = (t.to(acc) for t in (losses, coeff, rewards))
+def _sequence_logps(token_logps, counts, kto: KTOOptions):
+    """[b, T] per-token log-probs → [b] per-sequence log-probs: the sum, or the mean over scored tokens."""
+    total = token_logps.sum(-1)
+    return total / counts.clamp(min=1) if kto.average_log_prob else total
+
+
+def _token_coefficients(coeff, counts, batch: int, kto: KTOOptions):
+    """dloss/dlogp_t [b, T] from the sequences' dloss/dlogp_i [b]: saturated ones dropped, ÷ count for the mean."""
     if kto.saturation_threshold > 0:
         coeff = torch.where(coeff.abs() < kto.saturation_threshold / max(batch, 1), 0.0, coeff)
     if kto.average_log_prob:
         coeff = coeff / counts.clamp(min=1)
-    token_coeff = coeff.unsqueeze(1).expand(batch, kto.seq).reshape(-1).clone()
+    return coeff.unsqueeze(1).expand(-1, kto.seq)
+
+
+def _eager_forward(token, kto: KTOOptions, hidden, weight, bias, targets, ref_logps, labels, kl, counts, batch):
+    """The forward with the gradients formed in the same pass (``chunked.chunked_eager``): three GEMMs."""
+    from .chunked import chunked_eager
+
+    weights = (kto.beta, kto.desirable_weight, kto.undesirable_weight)
+
+    def token_coefficients(chunk_logps, first):
+        rows = slice(first, first + chunk_logps.shape[0])
+        policy = _sequence_logps(chunk_logps, counts[rows], kto)
+        coeff = kto_terms(policy, ref_logps[rows], labels[rows], kl, *weights, batch=batch)[1]
+        return _token_coefficients(coeff, counts[rows], batch, kto)
+
+    return chunked_eager(hidden, weight, bias, targets, token, kto.seq, token_coefficients, kto.eager)
+
+
+@torch.library.custom_op("halo_ops::fused_linear_kto", mutates_args=())
+def _fused_linear_kto(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, labels: Tensor, ref_logps: Tensor,
+    kl: Tensor, token_options: str, kto_options: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """hidden [N, D], targets [N] (N = B·T) → (loss, losses [B], policy_logps [B], rewards [B], sums, lse [N],
+    token coefficients [N] = dloss/dlogp_t, and with the eager schedule the gradients dH [N, D], dW [V, D],
+    db [V] of the loss, else empty), in the accumulation dtype but for the float32 sums."""
+    token, kto = opts.decode(token_options), opts.decode(kto_options)
+    batch = targets.shape[0] // kto.seq if kto.seq else 0
+    acc = accumulation_dtype(hidden.dtype)
+    counts = (targets != token.ignore_index).view(batch, kto.seq).sum(-1).to(acc)
+    ref_logps, kl = ref_logps.to(acc), kl.to(acc)
+    grads = (None, None, None)
+    if kto.eager is not None:
+        (token_logps, lse, entropy, mean_logit), grads = _eager_forward(
+            token, kto, hidden, weight, bias, targets, ref_logps, labels, kl, counts, batch)
+    else:
+        token_logps, lse, entropy, mean_logit = forward_tokens(token, hidden, weight, bias, targets)
+    policy_logps = _sequence_logps(token_logps.view(batch, kto.seq), counts, kto)
+    token_stats = (mean_logit.view(batch, kto.seq).sum(-1), counts, entropy.view(batch, kto.seq).sum(-1))
+    losses, coeff, rewards, sums = _sequence_terms(token.impl, policy_logps, ref_logps, labels, kl, kto, token_stats)
+    losses, coeff, rewards = (t.to(acc) for t in (losses, coeff, rewards))
+    token_coeff = _token_coefficients(coeff, counts, batch, kto).reshape(-1).clone()
     loss = losses.sum() / max(batch, 1)
-    return loss, losses, policy_logps, rewards, sums, lse, token_coeff
+    grads = tuple(hidden.new_empty(0, dtype=acc) if g is None else g for g in grads)
+    return loss, losses, policy_logps, rewards, sums, lse, token_coeff, *grads
 
 
 @_fused_linear_kto.register_fake
 def _(hidden, weight, bias, targets, labels, ref_logps, kl, token_options, kto_options):
     n, batch = targets.shape[0], labels.shape[0]
     acc = {"dtype": accumulation_dtype(hidden.dtype)}
+    eager = opts.decode(kto_options).eager or (False, False, False)
+    grads = (hidden.new_empty(hidden.shape if eager[0] else 0, **acc),
+             hidden.new_empty(weight.shape if eager[1] else 0, **acc),
+             hidden.new_empty(bias.shape if eager[2] and bias is not None else 0, **acc))
     return (hidden.new_empty((), **acc), *(hidden.new_empty(batch, **acc) for _ in range(3)),
             hidden.new_empty(len(SUM_KEYS), dtype=torch.float32), hidden.new_empty(n, **acc),
-            hidden.new_empty(n, **acc))
+            hidden.new_empty(n, **acc), *grads)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, _labels, _ref_logps, _kl, token_options, _kto_options = inputs
+    hidden, weight, bias, targets, _labels, _ref_logps, _kl, token_options, kto_options = inputs
     ctx.token_options = token_options
-    ctx.save_for_backward(hidden, weight, bias, targets, output[5], output[6])
+    ctx.eager = opts.decode(kto_options).eager is not None
+    if ctx.eager:  # the gradients are formed already: the backward only scales them
+        ctx.dtypes = tuple(None if x is None else x.dtype for x in (hidden, weight, bias))
+        ctx.save_for_backward(*output[7:10])
+    else:
+        ctx.save_for_backward(hidden, weight, bias, targets, output[5], output[6])
 
 
 def _backward(ctx, grad_loss, *_unused):
+    unused = [None] * (len(ctx.needs_input_grad) - 3)
+    if ctx.eager:
+        grads = tuple((grad_loss * g).to(dtype) if need else None
+                      for g, need, dtype in zip(ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.dtypes))
+        return (*grads, *unused)
     hidden, weight, bias, targets, lse, token_coeff = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = token_coeff.new_zeros(())
     grads = projection_grads(hidden, weight, bias, targets, lse, grad_loss * token_coeff, ctx.token_options,
                              ctx.needs_input_grad[:3])
-    return (*grads, *([None] * (len(ctx.needs_input_grad) - 3)))
+    return (*grads, *unused)
 
 
 _fused_linear_kto.register_autograd(_backward, setup_context=_setup_context)
@@ -136,6 +183,7 @@ def fused_linear_kto_loss(
     temperature: float = 1.0,
     average_log_prob: bool = False,
     saturation_threshold: float = 0.0,
+    recompute: bool = False,
     impl: str = "auto",
     check_targets: bool = True,
     check_finite: bool = False,
@@ -159,6 +207,12 @@ def fused_linear_kto_loss(
             deterministic, grad_filter_eps, schedule: as :func:`halo_ops.linear_logprobs`.
         average_log_prob: the per-sequence log-prob is the mean over its scored tokens instead of
             the sum (TRL's default is the sum).
+        recompute: on the PyTorch path the forward forms the gradients in the same pass when a backward
+            will follow (the eager schedule: the chunk's logits are built once, three GEMMs in all, up to
+            ``chunked.EAGER_BYTES`` of logits and softmax per chunk of whole sequences, plus the fp32
+            gradients from the forward to the backward); ``recompute=True`` forces the recompute schedule
+            (the forward keeps only the logsumexp, the backward recomputes the logits: four GEMMs). A
+            sequence too long for the chunk, and the Triton path, always recompute.
         saturation_threshold: if > 0, sequences whose gradient coefficient |dloss_i/dlogp_i| is
             below it are left out of the backward (the sigmoid is saturated there). Approximate:
             the gradient error is at most ``saturation_threshold / B · Σ_skipped ‖∇ logp_i‖``.
@@ -182,10 +236,13 @@ def fused_linear_kto_loss(
     labels = as_bool_labels(labels, batch, hidden.device)
     check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)
     z0 = reference_point(kl, loss_type, ref_logps.to(accumulation_dtype(hidden2d.dtype)))
+    needs = tuple(x is not None and x.requires_grad for x in (hidden2d, weight, bias))
+    eager = (torch.is_grad_enabled() and any(needs) and not recompute and token_options.impl == "torch"
+             and eager_sequences_per_chunk(seq, weight.shape[0], hidden2d.dtype) >= 1)
     kto_options = KTOOptions(seq=seq, beta=float(beta), desirable_weight=float(desirable_weight),
                              undesirable_weight=float(undesirable_weight), average_log_prob=bool(average_log_prob),
-                             saturation_threshold=float(saturation_threshold))
-    loss, losses, policy_logps, rewards, sums, _, _ = _fused_linear_kto(
+                             saturation_threshold=float(saturation_threshold), eager=needs if eager else None)
+    loss, losses, policy_logps, rewards, sums, *_ = _fused_linear_kto(
         hidden2d, weight, bias, flat_targets, labels, ref_logps.detach(), z0, opts.encode(token_options),
         opts.encode(kto_options))
     losses, policy_logps, rewards, sums = (t.detach() for t in (losses, policy_logps, rewards, sums))

@@ -356,3 +356,62 @@ def test_closed_form_coefficient_is_the_gradient(c):
     loss = losses.sum() / max(losses.shape[0], 1)
     loss.backward()
     torch.testing.assert_close(coeff, logps.grad, atol=1e-15, rtol=1e-10)
+
+
+EAGER_CASES = {
+    "plain": {},
+    "everything": {"softcap": 3.0, "logit_scale": 1.3, "temperature": 0.9, "average_log_prob": True},
+    "saturated": {"saturation_threshold": 1e-3, "beta": 5.0},
+    "apo": {"loss_type": "apo_zero_unpaired", "desirable_weight": 1.4},
+}
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen_head"])
+@pytest.mark.parametrize("case", EAGER_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_eager_schedule_equals_recompute(case, dtype, frozen, monkeypatch):
+    """The eager schedule (gradients formed in the forward, three GEMMs) gives the recompute schedule's loss,
+    metrics and gradients; chunks of two whole sequences, so several chunks run."""
+    from halo_ops import chunked
+
+    hidden, weight, bias, targets, labels, ref_logps = _fused_inputs(5, 9, 8, 53, dtype, bias=True)
+    monkeypatch.setattr(chunked, "EAGER_BYTES", 2 * 9 * 2 * 53 * (8 if dtype == torch.float64 else 4))
+    calls = []
+    real = chunked.chunked_eager
+    monkeypatch.setattr(chunked, "chunked_eager", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = []
+    for recompute in (True, False):
+        leaves = [t.clone().requires_grad_(not (frozen and t is not hidden)) for t in (hidden, weight, bias)]
+        out = fused_linear_kto_loss(leaves[0], leaves[1], targets, labels, ref_logps, bias=leaves[2], kl=0.4,
+                                    impl="torch", recompute=recompute, **EAGER_CASES[case])
+        out.loss.backward()
+        results.append((out, [t.grad for t in leaves]))
+    assert len(calls) == 1, "the eager schedule ran once (the recompute call never)"
+    (slow, slow_grads), (fast, fast_grads) = results
+    tight = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-6, "rtol": 1e-4}
+    torch.testing.assert_close(fast.loss, slow.loss, **tight)
+    torch.testing.assert_close(fast.losses, slow.losses, **tight)
+    for key in ("entropy", "logits/chosen", "logps/rejected"):
+        torch.testing.assert_close(fast.metrics[key], slow.metrics[key], equal_nan=True, **tight)
+    for got, want in zip(fast_grads, slow_grads):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.dtype == want.dtype
+            loose = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else tight
+            torch.testing.assert_close(got.float(), want.float(), **loose)
+
+
+def test_eager_schedule_falls_back_for_a_long_sequence_and_under_no_grad(monkeypatch):
+    from halo_ops import chunked
+
+    hidden, weight, _, targets, labels, ref_logps = _fused_inputs(2, 9, 8, 53, torch.float32)
+    calls = []
+    real = chunked.chunked_eager
+    monkeypatch.setattr(chunked, "chunked_eager", lambda *a, **k: calls.append(1) or real(*a, **k))
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    with torch.no_grad():
+        fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl="torch")
+    monkeypatch.setattr(chunked, "EAGER_BYTES", 9 * 2 * 53 * 4 - 1)  # one sequence no longer fits
+    out = fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl="torch")
+    out.loss.backward()
+    assert not calls and leaves[1].grad is not None

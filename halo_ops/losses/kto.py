@@ -105,13 +105,13 @@ def reference_point(kl, loss_type: str, like: torch.Tensor) -> torch.Tensor:
     return kl.reshape(())
 
 
-def kto_terms(policy_logps, ref_logps, labels, kl, beta, desirable_weight, undesirable_weight):
+def kto_terms(policy_logps, ref_logps, labels, kl, beta, desirable_weight, undesirable_weight, batch=None):
     """Per-sequence weighted losses, dloss/dlogp_i in closed form, and rewards, in the log-probs' dtype.
 
     Differentiable in policy_logps. ``kl`` is z0 as a 0-d tensor (already 0 for apo_zero_unpaired).
     Returns (losses [B], coeff [B], rewards [B]): the batch loss is ``losses.sum() / max(B, 1)``,
     coeff_i = −w_i s_i β σ(x_i) σ(−x_i) / max(B, 1) is its gradient (detached), rewards = β (logp − ref)
-    (detached).
+    (detached). ``batch``: the B of the batch mean, when these are some of its sequences (default: all).
     """
     # Built in the log-probs' dtype: a Python-float torch.where would round the weights to float32
     new = policy_logps.new_tensor
@@ -120,7 +120,7 @@ def kto_terms(policy_logps, ref_logps, labels, kl, beta, desirable_weight, undes
     ref_logps = ref_logps.detach().to(policy_logps.dtype)
     x = sign * beta * (policy_logps - ref_logps - kl.to(policy_logps.dtype))
     losses = weight * torch.sigmoid(-x)
-    batch = max(policy_logps.shape[0], 1)
+    batch = max(policy_logps.shape[0] if batch is None else batch, 1)
     coeff = (-weight * sign * beta * torch.sigmoid(x) * torch.sigmoid(-x) / batch).detach()
     rewards = (beta * (policy_logps - ref_logps)).detach()
     return losses, coeff, rewards
