@@ -172,8 +172,8 @@ LOSS_PROVIDERS = {
     p.name: p
     for p in (
         Provider("halo-ops[torch]", _policy_loss(True, impl="torch"), _always),
-        Provider("halo-ops[torch,recompute]", _policy_loss(True, impl="torch", recompute=True), _always),
-        Provider("halo-ops[torch,composed]", _policy_loss(False, impl="torch"), _always),
+        Provider("halo-ops[torch/eager]", _policy_loss(True, impl="torch", recompute=False), _always),
+        Provider("halo-ops[torch/composed]", _policy_loss(False, impl="torch"), _always),
         Provider("halo-ops", _policy_loss(True), _halo_triton_available),
         Provider("halo-ops[composed]", _policy_loss(False), _halo_triton_available),
     )

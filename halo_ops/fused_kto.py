@@ -183,7 +183,7 @@ def fused_linear_kto_loss(
     temperature: float = 1.0,
     average_log_prob: bool = False,
     saturation_threshold: float = 0.0,
-    recompute: bool = False,
+    recompute: bool | None = None,
     impl: str = "auto",
     check_targets: bool = True,
     check_finite: bool = False,
@@ -207,12 +207,13 @@ def fused_linear_kto_loss(
             deterministic, grad_filter_eps, schedule: as :func:`halo_ops.linear_logprobs`.
         average_log_prob: the per-sequence log-prob is the mean over its scored tokens instead of
             the sum (TRL's default is the sum).
-        recompute: on the PyTorch path the forward forms the gradients in the same pass when a backward
-            will follow (the eager schedule: the chunk's logits are built once, three GEMMs in all, up to
-            ``chunked.EAGER_BYTES`` of logits and softmax per chunk of whole sequences, plus the fp32
-            gradients from the forward to the backward); ``recompute=True`` forces the recompute schedule
-            (the forward keeps only the logsumexp, the backward recomputes the logits: four GEMMs). A
-            sequence too long for the chunk, and the Triton path, always recompute.
+        recompute: the gradients' schedule. ``True``: the forward keeps only the logsumexp and the backward
+            recomputes the logits in cache-sized tiles (four GEMMs). ``False`` (the PyTorch path only): the
+            eager schedule, which forms the gradients in the forward from each chunk of whole sequences'
+            logits, built once (three GEMMs; up to ``chunked.EAGER_BYTES`` of logits and softmax per chunk,
+            plus the fp32 gradients held from the forward to the backward). ``None`` (default): recompute,
+            the measured winner on CPU (bench/NOTES.md item 20). A sequence too long for the chunk, and the
+            Triton path, always recompute.
         saturation_threshold: if > 0, sequences whose gradient coefficient |dloss_i/dlogp_i| is
             below it are left out of the backward (the sigmoid is saturated there). Approximate:
             the gradient error is at most ``saturation_threshold / B · Σ_skipped ‖∇ logp_i‖``.
@@ -237,7 +238,7 @@ def fused_linear_kto_loss(
     check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)
     z0 = reference_point(kl, loss_type, ref_logps.to(accumulation_dtype(hidden2d.dtype)))
     needs = tuple(x is not None and x.requires_grad for x in (hidden2d, weight, bias))
-    eager = (torch.is_grad_enabled() and any(needs) and not recompute and token_options.impl == "torch"
+    eager = (torch.is_grad_enabled() and any(needs) and recompute is False and token_options.impl == "torch"
              and eager_sequences_per_chunk(seq, weight.shape[0], hidden2d.dtype) >= 1)
     kto_options = KTOOptions(seq=seq, beta=float(beta), desirable_weight=float(desirable_weight),
                              undesirable_weight=float(undesirable_weight), average_log_prob=bool(average_log_prob),

@@ -380,7 +380,7 @@ def test_eager_schedule_equals_recompute(case, dtype, frozen, monkeypatch):
     real = chunked.chunked_eager
     monkeypatch.setattr(chunked, "chunked_eager", lambda *a, **k: calls.append(1) or real(*a, **k))
     results = []
-    for recompute in (True, False):
+    for recompute in (None, False):  # the default, then eager
         leaves = [t.clone().requires_grad_(not (frozen and t is not hidden)) for t in (hidden, weight, bias)]
         out = fused_linear_kto_loss(leaves[0], leaves[1], targets, labels, ref_logps, bias=leaves[2], kl=0.4,
                                     impl="torch", recompute=recompute, **EAGER_CASES[case])
@@ -410,8 +410,8 @@ def test_eager_schedule_falls_back_for_a_long_sequence_and_under_no_grad(monkeyp
     monkeypatch.setattr(chunked, "chunked_eager", lambda *a, **k: calls.append(1) or real(*a, **k))
     leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
     with torch.no_grad():
-        fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl="torch")
+        fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl="torch", recompute=False)
     monkeypatch.setattr(chunked, "EAGER_BYTES", 9 * 2 * 53 * 4 - 1)  # one sequence no longer fits
-    out = fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl="torch")
+    out = fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl="torch", recompute=False)
     out.loss.backward()
     assert not calls and leaves[1].grad is not None
