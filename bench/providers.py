@@ -103,6 +103,11 @@ def halo_torch_logprobs(hidden, weight, targets):
     return linear_logprobs(hidden, weight, targets, impl="torch", check_targets=False, **HALO_OPTIONS)
 
 
+def halo_torch_recompute_logprobs(hidden, weight, targets):
+    """The PyTorch path with the backward recomputing the logits always (no Jacobian for a frozen head)."""
+    return linear_logprobs(hidden, weight, targets, impl="torch", check_targets=False, recompute=True, **HALO_OPTIONS)
+
+
 def _halo_triton_available(device):
     return None if resolve_impl("auto", device, torch.float32) == "triton" else "Triton runs on CUDA only here"
 
@@ -113,6 +118,7 @@ PROVIDERS = {
         Provider("halo-ops", halo_logprobs, _halo_triton_available),
         *(Provider(f"halo-ops[{s}]", halo_schedule(s), _halo_triton_available) for s in ("atomic", "owner", "slab", "gemm")),
         Provider("halo-ops[torch]", halo_torch_logprobs, _always),
+        Provider("halo-ops[torch/recompute]", halo_torch_recompute_logprobs, _always),
         Provider("plain", plain_logprobs, _always),
         Provider("torch.compile", compiled_logprobs, _always),
         Provider("trl", trl_logprobs, _needs_module("trl")),

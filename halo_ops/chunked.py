@@ -49,10 +49,15 @@ def _project(h_c: torch.Tensor, w_c: torch.Tensor, b_c: torch.Tensor | None, tra
     return transform.apply_(z), w_c
 
 
-def chunked_forward(hidden, weight, bias, targets, options: TokenOptions) -> torch.Tensor:
-    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 → partials [3 or 5, K, N].
+def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
+    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 → partials [3 or 5, K, N], and with
+    ``options.save_jacobian`` the Jacobian J [N, D] of each token's log-prob with respect to its hidden state
+    (else None).
 
-    K is the number of vocabulary chunks; rows that are not visited keep empty partials.
+    K is the number of vocabulary chunks; rows that are not visited keep empty partials (and a zero J).
+    J_t = dz/dy(z_t,y_t) · W[y_t] − Σ_v p_tv · dz/dy(z_tv) · W_v (bias and transform included) is built in
+    the same sweep, one more GEMM per tile: Σ_v exp(z_v − m) · dz/dy · W_v accumulates online, rescaled as
+    the running max m grows (the flash-attention recurrence with W as keys and values), then ÷ Σ exp(z − m).
     """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
@@ -62,14 +67,20 @@ def chunked_forward(hidden, weight, bias, targets, options: TokenOptions) -> tor
     partials = P.empty_partials(len(starts), n_tokens, stats, acc, hidden.device)
     rows = _active_rows(targets != options.ignore_index)
     h_all, t_all = (hidden, targets) if rows is None else (hidden[rows], targets[rows])
+    jacobian = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if options.save_jacobian else None
+    softcap = transform.softcap is not None
 
     for t0 in range(0, h_all.shape[0], TOKEN_CHUNK):
         h_c = h_all[t0 : t0 + TOKEN_CHUNK].to(acc)
         t_c = t_all[t0 : t0 + TOKEN_CHUNK]
         chunk = torch.empty((partials.shape[0], len(starts), h_c.shape[0]), dtype=acc, device=hidden.device)
+        if jacobian is not None:
+            expected_w = torch.zeros((h_c.shape[0], h_c.shape[1]), dtype=acc, device=hidden.device)
+            running_max = torch.full((h_c.shape[0],), float("-inf"), dtype=acc, device=hidden.device)
         for k, v0 in enumerate(starts):
             v1 = min(v0 + vocab_chunk, vocab)
-            z, _ = _project(h_c, weight[v0:v1], None if bias is None else bias[v0:v1], transform)
+            z, w_c = _project(h_c, weight[v0:v1], None if bias is None else bias[v0:v1], transform)
+            slope = transform.grad_from_logits_(torch.ones_like(z), z) if jacobian is not None and softcap else None
             local = t_c - v0
             in_tile = (local >= 0) & (local < v1 - v0)
             picked = z.gather(1, local.clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
@@ -85,9 +96,23 @@ def chunked_forward(hidden, weight, bias, targets, options: TokenOptions) -> tor
             else:
                 e = centered.exp_()
             chunk[P.SUM_EXP, k] = e.sum(1)
+            if jacobian is not None:  # Σ exp(z − M) · dz/dy · W over the chunks so far, M the running max
+                new_max = torch.maximum(running_max, m)
+                expected_w.mul_(torch.exp(running_max - new_max).unsqueeze(1))
+                e.mul_(torch.exp(m - new_max).unsqueeze(1))
+                expected_w.addmm_(e.mul_(slope) if slope is not None else e, w_c)
+                running_max = new_max
         out = slice(t0, t0 + h_c.shape[0]) if rows is None else rows[t0 : t0 + h_c.shape[0]]
         partials[:, :, out] = chunk
-    return partials
+        if jacobian is not None:
+            sum_exp = (chunk[P.SUM_EXP] * torch.exp(chunk[P.MAX] - running_max)).sum(0)
+            target_logit = chunk[P.TARGET_LOGIT].sum(0)
+            target_slope = transform.grad_from_logits_(torch.ones_like(target_logit), target_logit)
+            target_w = weight[t_c.clamp(0, vocab - 1)].to(acc)
+            if not softcap:  # dz/dy is one constant: applied once here instead of per tile
+                expected_w.mul_(transform.logit_scale / transform.temperature)
+            jacobian[out] = target_slope.unsqueeze(1) * target_w - expected_w / sum_exp.unsqueeze(1)
+    return partials, jacobian
 
 
 def chunked_backward(hidden, weight, bias, targets, lse, grad_logps, options: TokenOptions,

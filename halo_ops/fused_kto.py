@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import options as opts
-from .inputs import prepare_linear_inputs
+from .inputs import prepare_linear_inputs, with_frozen_head_jacobian
 from .losses.kto import (
     SUM_KEYS,
     KTOOutput,
@@ -31,7 +31,7 @@ from .losses.kto import (
 )
 from .chunked import eager_sequences_per_chunk
 from .options import accumulation_dtype
-from .token_op import forward_tokens, projection_grads
+from .token_op import forward_tokens, jacobian_grad, projection_grads
 from .validation import check_sequence_tensor
 
 
@@ -107,19 +107,21 @@ def _fused_linear_kto(
     acc = accumulation_dtype(hidden.dtype)
     counts = (targets != token.ignore_index).view(batch, kto.seq).sum(-1).to(acc)
     ref_logps, kl = ref_logps.to(acc), kl.to(acc)
-    grads = (None, None, None)
+    grads = jacobian = None
     if kto.eager is not None:
         (token_logps, lse, entropy, mean_logit), grads = _eager_forward(
             token, kto, hidden, weight, bias, targets, ref_logps, labels, kl, counts, batch)
     else:
-        token_logps, lse, entropy, mean_logit = forward_tokens(token, hidden, weight, bias, targets)
+        token_logps, lse, entropy, mean_logit, jacobian = forward_tokens(token, hidden, weight, bias, targets)
     policy_logps = _sequence_logps(token_logps.view(batch, kto.seq), counts, kto)
     token_stats = (mean_logit.view(batch, kto.seq).sum(-1), counts, entropy.view(batch, kto.seq).sum(-1))
     losses, coeff, rewards, sums = _sequence_terms(token.impl, policy_logps, ref_logps, labels, kl, kto, token_stats)
     losses, coeff, rewards = (t.to(acc) for t in (losses, coeff, rewards))
     token_coeff = _token_coefficients(coeff, counts, batch, kto).reshape(-1).clone()
     loss = losses.sum() / max(batch, 1)
-    grads = tuple(hidden.new_empty(0, dtype=acc) if g is None else g for g in grads)
+    if jacobian is not None:  # a frozen head: dH is known now, the coefficients times the Jacobian
+        grads = (jacobian_grad(jacobian, targets, token_coeff, token.ignore_index), None, None)
+    grads = tuple(hidden.new_empty(0, dtype=acc) if g is None else g for g in grads or (None,) * 3)
     return loss, losses, policy_logps, rewards, sums, lse, token_coeff, *grads
 
 
@@ -127,7 +129,8 @@ def _fused_linear_kto(
 def _(hidden, weight, bias, targets, labels, ref_logps, kl, token_options, kto_options):
     n, batch = targets.shape[0], labels.shape[0]
     acc = {"dtype": accumulation_dtype(hidden.dtype)}
-    eager = opts.decode(kto_options).eager or (False, False, False)
+    eager = opts.decode(kto_options).eager or ((True, False, False) if opts.decode(token_options).save_jacobian
+                                               else (False, False, False))
     grads = (hidden.new_empty(hidden.shape if eager[0] else 0, **acc),
              hidden.new_empty(weight.shape if eager[1] else 0, **acc),
              hidden.new_empty(bias.shape if eager[2] and bias is not None else 0, **acc))
@@ -139,7 +142,7 @@ def _(hidden, weight, bias, targets, labels, ref_logps, kl, token_options, kto_o
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, _labels, _ref_logps, _kl, token_options, kto_options = inputs
     ctx.token_options = token_options
-    ctx.eager = opts.decode(kto_options).eager is not None
+    ctx.eager = opts.decode(kto_options).eager is not None or opts.decode(token_options).save_jacobian
     if ctx.eager:  # the gradients are formed already: the backward only scales them
         ctx.dtypes = tuple(None if x is None else x.dtype for x in (hidden, weight, bias))
         ctx.save_for_backward(*output[7:10])
@@ -208,7 +211,9 @@ def fused_linear_kto_loss(
         average_log_prob: the per-sequence log-prob is the mean over its scored tokens instead of
             the sum (TRL's default is the sum).
         recompute: the gradients' schedule. ``True``: the forward keeps only the logsumexp and the backward
-            recomputes the logits in cache-sized tiles (four GEMMs). ``False`` (the PyTorch path only): the
+            recomputes the logits in cache-sized tiles (four GEMMs). With a frozen head on the PyTorch path,
+            anything but ``True`` builds the Jacobian in the forward as :func:`halo_ops.linear_logprobs`
+            does, and dH there (two GEMMs). ``False`` (the PyTorch path only): the
             eager schedule, which forms the gradients in the forward from each chunk of whole sequences'
             logits, built once (three GEMMs; up to ``chunked.EAGER_BYTES`` of logits and softmax per chunk,
             plus the fp32 gradients held from the forward to the backward). ``None`` (default): recompute,
@@ -237,9 +242,10 @@ def fused_linear_kto_loss(
     labels = as_bool_labels(labels, batch, hidden.device)
     check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)
     z0 = reference_point(kl, loss_type, ref_logps.to(accumulation_dtype(hidden2d.dtype)))
+    token_options = with_frozen_head_jacobian(token_options, hidden2d, weight, bias, recompute)
     needs = tuple(x is not None and x.requires_grad for x in (hidden2d, weight, bias))
     eager = (torch.is_grad_enabled() and any(needs) and recompute is False and token_options.impl == "torch"
-             and eager_sequences_per_chunk(seq, weight.shape[0], hidden2d.dtype) >= 1)
+             and not token_options.save_jacobian and eager_sequences_per_chunk(seq, weight.shape[0], hidden2d.dtype))
     kto_options = KTOOptions(seq=seq, beta=float(beta), desirable_weight=float(desirable_weight),
                              undesirable_weight=float(undesirable_weight), average_log_prob=bool(average_log_prob),
                              saturation_threshold=float(saturation_threshold), eager=needs if eager else None)

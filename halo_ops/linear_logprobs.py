@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from .inputs import prepare_linear_inputs
+from .inputs import prepare_linear_inputs, with_frozen_head_jacobian
 from .reduction import check_reduction, reduce_last_dim
 from .token_op import token_logprobs
 
@@ -37,6 +37,7 @@ def linear_logprobs(
     deterministic: bool = False,
     grad_filter_eps: float = 0.0,
     schedule: str = "auto",
+    recompute: bool | None = None,
 ) -> torch.Tensor | LinearLogProbs:
     """Log-probabilities of ``targets`` under a linear LM head, never building the ``[N, V]`` logits.
 
@@ -75,6 +76,10 @@ def linear_logprobs(
             the measured winner for this GPU and shape where the tuned table has one, else ``"atomic"``
             with gradient filtering and ``"slab"`` otherwise. The PyTorch path has one schedule and takes
             only ``"auto"``.
+        recompute: ``True`` makes the backward recompute the logits always. ``None`` (default): with a
+            frozen head (weight and bias without gradient, hidden with) on the PyTorch path, the forward
+            builds each token's Jacobian d logp_t / d h_t in its sweep (one more GEMM per tile) and the
+            backward only scales it: two GEMMs in all instead of three, and [N, D] kept (bench/NOTES.md).
 
     Returns float32 log-probs (float64 for float64 inputs), differentiable with respect to hidden,
     weight and bias; gradients come back in the inputs' dtypes. Under ``torch.autocast`` the
@@ -86,6 +91,7 @@ def linear_logprobs(
         temperature=temperature, impl=impl, return_stats=return_stats, check_targets=check_targets,
         check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps,
         schedule=schedule)
+    options = with_frozen_head_jacobian(options, hidden2d, weight, bias, recompute)
     logps, entropy, mean_logit = token_logprobs(hidden2d, weight, bias, flat_targets, options)
     valid = targets != ignore_index
     logps = reduce_last_dim(logps.view(targets.shape), valid, reduction)

@@ -30,6 +30,7 @@ class TokenOptions:
     return_stats: bool = False  # also per-token entropy and mean logit
     schedule: str = "atomic"  # the backward's schedule, resolved: atomic, owner, slab (Triton) or chunked (torch)
     grad_filter_eps: float = 0.0  # softmax probabilities below it count as 0 in the backward
+    save_jacobian: bool = False  # frozen head: the forward builds d logp / d hidden, the backward only scales it
 
 
 def encode(options) -> str:

@@ -35,20 +35,31 @@ def weight_slice_rows(vocab: int, dim: int, weight_dtype: torch.dtype) -> int:
 
 
 def forward_tokens(options: TokenOptions, hidden, weight, bias, targets):
-    """(logps, lse, entropy, mean_logit), each [N] in the accumulation dtype; the stats are None without
-    ``options.return_stats``. Autocast is off inside; N = 0 is handled."""
+    """(logps, lse, entropy, mean_logit, jacobian): each but the last [N] in the accumulation dtype, the
+    stats None without ``options.return_stats``; the Jacobian d logp_t / d h_t [N, D] with
+    ``options.save_jacobian`` (the PyTorch path), else None. Autocast is off inside; N = 0 is handled."""
     acc = accumulation_dtype(hidden.dtype)
+    jacobian = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if options.save_jacobian else None
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=acc)
         stat = empty.clone() if options.return_stats else None
-        return empty, empty.clone(), stat, None if stat is None else stat.clone()
+        return empty, empty.clone(), stat, None if stat is None else stat.clone(), jacobian
     with torch.autocast(hidden.device.type, enabled=False):
         if options.impl == "torch":
-            from .chunked import chunked_forward as backend
+            from .chunked import chunked_forward
+
+            partials, jacobian = chunked_forward(hidden, weight, bias, targets, options)
         else:
-            from .kernels import linear_logprobs_forward as backend
-        partials = backend(hidden, weight, bias, targets, options)
-    return merge_partials(partials.to(acc), targets != options.ignore_index, weight.shape[0])
+            from .kernels import linear_logprobs_forward
+
+            partials = linear_logprobs_forward(hidden, weight, bias, targets, options)
+    return (*merge_partials(partials.to(acc), targets != options.ignore_index, weight.shape[0]), jacobian)
+
+
+def jacobian_grad(jacobian, targets, grad_logps, ignore_index: int):
+    """dH = g_t · J_t [N, D] from the forward's Jacobian (a frozen head: the weight and bias need no gradient)."""
+    grad = torch.where(targets != ignore_index, grad_logps, 0.0).to(jacobian.dtype)
+    return grad.unsqueeze(1) * jacobian
 
 
 def backward_tokens(options: TokenOptions, hidden, weight, bias, targets, lse, grad_logps, needs):
@@ -74,20 +85,22 @@ def backward_tokens(options: TokenOptions, hidden, weight, bias, targets, lse, g
 
 @torch.library.custom_op("halo_ops::token_logprobs", mutates_args=())
 def _token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                    options: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(logps, lse, entropy, mean_logit) [N]; the stats are empty [0] without return_stats."""
-    logps, lse, entropy, mean_logit = forward_tokens(opts.decode(options), hidden, weight, bias, targets)
+                    options: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logps, lse, entropy, mean_logit) [N] and the Jacobian [N, D]; the stats are empty [0] without
+    return_stats, the Jacobian without save_jacobian."""
+    logps, lse, entropy, mean_logit, jacobian = forward_tokens(opts.decode(options), hidden, weight, bias, targets)
     if entropy is None:
         entropy, mean_logit = logps.new_empty(0), logps.new_empty(0)
-    return logps, lse, entropy, mean_logit
+    return logps, lse, entropy, mean_logit, logps.new_empty(0) if jacobian is None else jacobian
 
 
 @_token_logprobs.register_fake
 def _(hidden, weight, bias, targets, options):
-    n, dtype = hidden.shape[0], accumulation_dtype(hidden.dtype)
-    stat = n if opts.decode(options).return_stats else 0
+    n, dtype, decoded = hidden.shape[0], accumulation_dtype(hidden.dtype), opts.decode(options)
+    stat = n if decoded.return_stats else 0
     return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype), hidden.new_empty(stat, dtype=dtype),
-            hidden.new_empty(stat, dtype=dtype))
+            hidden.new_empty(stat, dtype=dtype),
+            hidden.new_empty(hidden.shape if decoded.save_jacobian else 0, dtype=dtype))
 
 
 @torch.library.custom_op("halo_ops::token_logprobs_backward", mutates_args=())
@@ -119,13 +132,20 @@ def projection_grads(hidden, weight, bias, targets, lse, grad_logps, options: st
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, options = inputs
     ctx.options = options
-    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+    ctx.dtype = hidden.dtype
+    if opts.decode(options).save_jacobian:  # the backward scales the Jacobian: no recompute, nothing else kept
+        ctx.save_for_backward(None, None, None, targets, output[1], output[4])
+    else:
+        ctx.save_for_backward(hidden, weight, bias, targets, output[1], None)
 
 
 def _backward(ctx, grad_logps, *_stat_grads):
-    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    hidden, weight, bias, targets, lse, jacobian = ctx.saved_tensors
     if grad_logps is None:
         grad_logps = torch.zeros_like(lse)
+    if jacobian is not None:
+        grad_h = jacobian_grad(jacobian, targets, grad_logps, opts.decode(ctx.options).ignore_index)
+        return grad_h.to(ctx.dtype) if ctx.needs_input_grad[0] else None, None, None, None, None
     grads = projection_grads(hidden, weight, bias, targets, lse, grad_logps, ctx.options, ctx.needs_input_grad[:3])
     return (*grads, None, None)
 
@@ -135,7 +155,7 @@ _token_logprobs.register_autograd(_backward, setup_context=_setup_context)
 
 def token_logprobs(hidden, weight, bias, targets, options: TokenOptions):
     """(logps [N], entropy [N] | None, mean_logit [N] | None), differentiable in logps only."""
-    logps, _, entropy, mean_logit = _token_logprobs(hidden, weight, bias, targets, opts.encode(options))
+    logps, _, entropy, mean_logit, _ = _token_logprobs(hidden, weight, bias, targets, opts.encode(options))
     if not options.return_stats:
         return logps, None, None
     return logps, entropy.detach(), mean_logit.detach()

@@ -55,3 +55,29 @@ def test_gradcheck_fused_kto_float64(average_log_prob, loss_type, monkeypatch):
     out = fused_linear_kto_loss(hidden, weight, targets, labels, ref_logps, bias=bias, impl="torch")
     assert {t.dtype for t in (out.loss, out.losses, out.policy_logps, out.rewards)} == {torch.float64}
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("options", [{}, {"softcap": 1.5, "logit_scale": 0.7, "temperature": 1.6}],
+                         ids=["plain", "softcap_scale_temperature"])
+def test_gradcheck_frozen_head_jacobian(reduction, options, monkeypatch):
+    """A frozen head on the PyTorch path: the Jacobian built in the forward passes gradcheck (with chunk
+    boundaries inside the sweep, so the running-max rescaling is exercised)."""
+    monkeypatch.setattr(chunked, "TOKEN_CHUNK", 4)
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 4 * 7)
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(17, 6, dtype=torch.float64, generator=gen) * 2
+    bias = torch.randn(17, dtype=torch.float64, generator=gen)
+    targets = torch.randint(0, 17, (2, 5), generator=gen)
+    targets[0, 1] = targets[1, 3] = -100
+    saved = []
+    real = chunked.chunked_forward
+    monkeypatch.setattr(chunked, "chunked_forward",
+                        lambda *a: saved.append(a[-1].save_jacobian) or real(*a))
+
+    def fn(h):
+        return linear_logprobs(h, weight, targets, bias, impl="torch", reduction=reduction, **options)
+
+    assert torch.autograd.gradcheck(fn, (hidden,))
+    assert saved and all(saved)

@@ -370,23 +370,26 @@ EAGER_CASES = {
 @pytest.mark.parametrize("case", EAGER_CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_eager_schedule_equals_recompute(case, dtype, frozen, monkeypatch):
-    """The eager schedule (gradients formed in the forward, three GEMMs) gives the recompute schedule's loss,
-    metrics and gradients; chunks of two whole sequences, so several chunks run."""
-    from halo_ops import chunked
+    """The eager schedule (gradients formed in the forward, three GEMMs) and, for a frozen head, the Jacobian
+    built in the forward (two) give the recompute schedule's loss, metrics and gradients; chunks of two whole
+    sequences, so several chunks run."""
+    from halo_ops import chunked, fused_kto
 
     hidden, weight, bias, targets, labels, ref_logps = _fused_inputs(5, 9, 8, 53, dtype, bias=True)
     monkeypatch.setattr(chunked, "EAGER_BYTES", 2 * 9 * 2 * 53 * (8 if dtype == torch.float64 else 4))
-    calls = []
+    calls, jacobians = [], []
     real = chunked.chunked_eager
     monkeypatch.setattr(chunked, "chunked_eager", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_jacobian = fused_kto.jacobian_grad
+    monkeypatch.setattr(fused_kto, "jacobian_grad", lambda *a: jacobians.append(1) or real_jacobian(*a))
     results = []
-    for recompute in (None, False):  # the default, then eager
+    for recompute in (True, False):  # recompute, then eager (trainable) or the Jacobian (frozen)
         leaves = [t.clone().requires_grad_(not (frozen and t is not hidden)) for t in (hidden, weight, bias)]
         out = fused_linear_kto_loss(leaves[0], leaves[1], targets, labels, ref_logps, bias=leaves[2], kl=0.4,
                                     impl="torch", recompute=recompute, **EAGER_CASES[case])
         out.loss.backward()
         results.append((out, [t.grad for t in leaves]))
-    assert len(calls) == 1, "the eager schedule ran once (the recompute call never)"
+    assert (len(calls), len(jacobians)) == ((0, 1) if frozen else (1, 0)), "each schedule ran once"
     (slow, slow_grads), (fast, fast_grads) = results
     tight = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-6, "rtol": 1e-4}
     torch.testing.assert_close(fast.loss, slow.loss, **tight)

@@ -263,7 +263,7 @@ def test_half_precision_dw_is_built_slice_by_slice(impl, dtype, needs, determini
     hidden, weight, bias, targets, upstream = case.inputs()
     hidden, targets, upstream = hidden[0], targets[0], upstream[0]
     options = token_options(impl=impl, softcap=3.0, deterministic=deterministic)
-    _, lse, _, _ = token_op.forward_tokens(options, hidden, weight, bias, targets)
+    _, lse, _, _, _ = token_op.forward_tokens(options, hidden, weight, bias, targets)
 
     def backward():
         return token_op.backward_tokens(options, hidden, weight, bias, targets, lse, upstream.float(), needs)
@@ -435,3 +435,35 @@ def test_schedule_errors():
     with pytest.raises(ValueError, match="deterministic=True takes"):
         linear_logprobs(hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE), impl="triton", schedule="atomic",
                         deterministic=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("option", ["plain", "everything"])
+def test_frozen_head_jacobian_matches_recompute_and_fp64(dtype, option, monkeypatch):
+    """The frozen head's Jacobian path (two GEMMs) against the recompute path and fp64 ground truth, with small
+    chunks so that the sweep rescales across many vocabulary chunks and compacts ignored rows."""
+    from halo_ops import chunked
+
+    monkeypatch.setattr(chunked, "TOKEN_CHUNK", 16)
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 16 * 32)
+    case = Case(dtype=dtype, **SCHEDULE_OPTIONS[option])
+    hidden, weight, bias, targets, upstream = case.inputs()
+    grads = {}
+    for recompute in (True, None):
+        leaf = hidden.clone().requires_grad_()
+        out = linear_logprobs(leaf, weight, targets, bias, impl="torch", recompute=recompute, return_stats=True,
+                              **case.transform)
+        (out.logps * upstream).sum().backward()
+        grads[recompute] = (out, leaf.grad)
+    (slow, slow_grad), (fast, fast_grad) = grads[True], grads[None]
+    torch.testing.assert_close(fast.logps, slow.logps)
+    torch.testing.assert_close(fast.entropy, slow.entropy)
+    exact_leaf = hidden.double().requires_grad_()
+    exact = linear_logprobs_reference(exact_leaf, weight.double(), targets, None if bias is None else bias.double(),
+                                      **case.transform).logps
+    (exact_grad,) = torch.autograd.grad((exact * upstream.double()).sum(), [exact_leaf])
+    plain_leaf = hidden.clone().requires_grad_()
+    plain = linear_logprobs_reference(plain_leaf, weight, targets, bias, **case.transform).logps
+    (plain_grad,) = torch.autograd.grad((plain * upstream).sum(), [plain_leaf])
+    assert fast_grad.dtype == hidden.dtype
+    assert_close_to_exact(fast_grad, plain_grad, exact_grad, dtype, "dhidden (Jacobian)")
