@@ -1,0 +1,89 @@
+"""``python -m bench.interleaved``: medians of calls timed in turn, round after round, in one process.
+
+On a shared or small CPU the machine's speed drifts within a run (one competing process changed a ratio
+threefold here). Timing each variant once per round, in turn, exposes every variant to the same drift, so
+their ratios hold even when the absolute times move. Variants: the frozen head (Jacobian and recompute)
+against a trainable head, and the fused KTO op (recompute and eager) against the composed public pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from halo_ops import fused_linear_kto_loss, kto_loss, linear_logprobs
+
+from .kto_step import KTOShape
+
+
+def _token_variants(shape: KTOShape):
+    x = shape.inputs("cpu")
+    hidden, weight, targets = x["hidden"].detach().flatten(0, 1), x["weight"].detach(), x["targets"].flatten()
+    upstream = torch.randn(hidden.shape[0])
+
+    def run(frozen: bool, recompute):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_(not frozen)
+        logps = linear_logprobs(h, w, targets, impl="torch", recompute=recompute, check_targets=False)
+        (logps * upstream).sum().backward()
+
+    return {"trainable": lambda: run(False, None), "frozen (Jacobian)": lambda: run(True, None),
+            "frozen (recompute)": lambda: run(True, True)}
+
+
+def _kto_variants(shape: KTOShape):
+    x = shape.inputs("cpu")
+    ref = torch.randn(shape.batch) - 50
+
+    def fused(recompute):
+        h, w = x["hidden"].detach().clone().requires_grad_(), x["weight"].detach().clone().requires_grad_()
+        fused_linear_kto_loss(h, w, x["targets"], x["labels"], ref, kl=0.1, impl="torch", recompute=recompute,
+                              check_targets=False).loss.backward()
+
+    def composed():
+        h, w = x["hidden"].detach().clone().requires_grad_(), x["weight"].detach().clone().requires_grad_()
+        policy = linear_logprobs(h, w, x["targets"], reduction="sum", impl="torch", check_targets=False)
+        kto_loss(policy, ref, x["labels"], kl=0.1).loss.backward()
+
+    return {"composed (linear_logprobs + kto_loss)": composed, "fused (recompute)": lambda: fused(None),
+            "fused (eager)": lambda: fused(False)}
+
+
+def interleaved(variants: dict, rounds: int) -> dict[str, list[float]]:
+    for fn in variants.values():  # warm-up
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.interleaved", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=("frozen-head", "kto-loss"))
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    shape = KTOShape(args.tokens // args.seq, args.seq, args.hidden, args.vocab, torch.float32)
+    variants = (_token_variants if args.which == "frozen-head" else _kto_variants)(shape)
+    times = interleaved(variants, args.rounds)
+    first = statistics.median(next(iter(times.values())))
+    print(f"{args.which}: N={args.tokens} D={args.hidden} V={args.vocab} fp32, CPU {torch.get_num_threads()} threads, "
+          f"{args.rounds} interleaved rounds (a quarter of each sequence is prompt)")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:40s} median {median:7.3f} s  ({median / first:.2f}×)  runs {[round(v, 2) for v in values]}")
+
+
+if __name__ == "__main__":
+    main()
