@@ -2,7 +2,8 @@
 
 On a shared or small CPU the machine's speed drifts within a run (one competing process changed a ratio
 threefold here). Timing each variant once per round, in turn, exposes every variant to the same drift, so
-their ratios hold even when the absolute times move. Variants: the frozen head (Jacobian and recompute)
+their ratios hold even when the absolute times move. The order rotates from round to round: a fixed order
+made one variant 1.24× slower than another that it measured 1.03× of when it ran first. Variants: the frozen head (Jacobian and recompute)
 against a trainable head, and the fused KTO op (recompute and eager) against the composed public pieces.
 """
 
@@ -36,28 +37,32 @@ def _token_variants(shape: KTOShape):
 
 def _kto_variants(shape: KTOShape):
     x = shape.inputs("cpu")
-    ref = torch.randn(shape.batch) - 50
+    with torch.no_grad():  # the reference model's log-probs: near the policy's, so no sigmoid saturates
+        ref = linear_logprobs(x["ref_hidden"], x["ref_weight"], x["targets"], reduction="sum", impl="torch")
 
-    def fused(recompute):
+    def fused(recompute, token_metrics=True):
         h, w = x["hidden"].detach().clone().requires_grad_(), x["weight"].detach().clone().requires_grad_()
         fused_linear_kto_loss(h, w, x["targets"], x["labels"], ref, kl=0.1, impl="torch", recompute=recompute,
-                              check_targets=False).loss.backward()
+                              token_metrics=token_metrics, check_targets=False).loss.backward()
 
     def composed():
         h, w = x["hidden"].detach().clone().requires_grad_(), x["weight"].detach().clone().requires_grad_()
         policy = linear_logprobs(h, w, x["targets"], reduction="sum", impl="torch", check_targets=False)
         kto_loss(policy, ref, x["labels"], kl=0.1).loss.backward()
 
-    return {"composed (linear_logprobs + kto_loss)": composed, "fused (recompute)": lambda: fused(None),
-            "fused (eager)": lambda: fused(False)}
+    return {"composed (linear_logprobs + kto_loss)": composed, "fused (recompute)": lambda: fused(True),
+            "fused (recompute, no token metrics)": lambda: fused(True, False), "fused (eager)": lambda: fused(False),
+            "fused (eager, no token metrics)": lambda: fused(False, False)}
 
 
 def interleaved(variants: dict, rounds: int) -> dict[str, list[float]]:
     for fn in variants.values():  # warm-up
         fn()
     times = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
+    names = list(variants)
+    for r in range(rounds):  # each round starts one variant later: none always follows the same one
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = variants[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

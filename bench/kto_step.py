@@ -152,8 +152,11 @@ def _policy_loss(fused: bool, **options):
     pieces composed, ``linear_logprobs(reduction="sum")`` then ``kto_loss``."""
 
     def step(x):
-        ref = x.setdefault("_ref", torch.randn(x["labels"].shape[0], generator=torch.Generator().manual_seed(1),
-                                               device="cpu").to(x["hidden"].device) - 50)
+        if "_ref" not in x:  # the reference model's log-probs: near the policy's, so no sigmoid saturates
+            with torch.no_grad():
+                x["_ref"] = linear_logprobs(x["ref_hidden"], x["ref_weight"], x["targets"], reduction="sum",
+                                            check_targets=False, **{k: v for k, v in options.items() if k == "impl"})
+        ref = x["_ref"]
         if fused:
             loss = fused_linear_kto_loss(x["hidden"], x["weight"], x["targets"], x["labels"], ref, kl=0.1, beta=BETA,
                                          check_targets=False, **options).loss
@@ -172,7 +175,7 @@ LOSS_PROVIDERS = {
     p.name: p
     for p in (
         Provider("halo-ops[torch]", _policy_loss(True, impl="torch"), _always),
-        Provider("halo-ops[torch/eager]", _policy_loss(True, impl="torch", recompute=False), _always),
+        Provider("halo-ops[torch/recompute]", _policy_loss(True, impl="torch", recompute=True), _always),
         Provider("halo-ops[torch/composed]", _policy_loss(False, impl="torch"), _always),
         Provider("halo-ops", _policy_loss(True), _halo_triton_available),
         Provider("halo-ops[composed]", _policy_loss(False), _halo_triton_available),

@@ -69,6 +69,12 @@ def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
     h_all, t_all = (hidden, targets) if rows is None else (hidden[rows], targets[rows])
     jacobian = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if options.save_jacobian else None
     softcap = transform.softcap is not None
+    # Without softcap z is linear in y, so Σ_v z_v = scale · (h · Σ_v W_v + Σ_v b_v): O(D) per token, not O(V)
+    linear_sum = stats and not softcap
+    if linear_sum:
+        scale = transform.logit_scale / transform.temperature
+        weight_sum = weight.to(acc).sum(0) * scale
+        bias_sum = 0.0 if bias is None else bias.to(acc).sum() * scale  # a tensor: no host sync
 
     for t0 in range(0, h_all.shape[0], TOKEN_CHUNK):
         h_c = h_all[t0 : t0 + TOKEN_CHUNK].to(acc)
@@ -85,7 +91,7 @@ def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
             in_tile = (local >= 0) & (local < v1 - v0)
             picked = z.gather(1, local.clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
             chunk[P.TARGET_LOGIT, k] = torch.where(in_tile, picked, 0.0)
-            if stats:
+            if stats and not linear_sum:
                 chunk[P.LOGIT_SUM, k] = z.sum(1)
             m = z.amax(1)
             chunk[P.MAX, k] = m
@@ -102,6 +108,9 @@ def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
                 e.mul_(torch.exp(m - new_max).unsqueeze(1))
                 expected_w.addmm_(e.mul_(slope) if slope is not None else e, w_c)
                 running_max = new_max
+        if linear_sum:  # the whole row's sum, in the first chunk's piece
+            chunk[P.LOGIT_SUM] = 0.0
+            chunk[P.LOGIT_SUM, 0] = h_c @ weight_sum + bias_sum
         out = slice(t0, t0 + h_c.shape[0]) if rows is None else rows[t0 : t0 + h_c.shape[0]]
         partials[:, :, out] = chunk
         if jacobian is not None:
@@ -249,9 +258,12 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
         if stats:
             entropy[out] = torch.where(valid, lse_c - torch.einsum("nv,nv->n", p, z), 0.0)
             mean_logit[out] = torch.where(valid, z.sum(1) / vocab, 0.0)
+        carrying = _active_rows(g != 0)  # rows of saturated or skipped sequences add nothing (CPU only)
+        if carrying is not None:
+            p, z, g, target, h_c, out = p[carrying], z[carrying], g[carrying], target[carrying], h_c[carrying], \
+                out[carrying]
         dz = p.mul_(-g.unsqueeze(1))
-        dz.index_put_((torch.arange(len(t_c), device=hidden.device), target), torch.where(valid, g, 0.0),
-                      accumulate=True)
+        dz.index_put_((torch.arange(len(g), device=hidden.device), target), g, accumulate=True)
         dy = transform.grad_from_logits_(dz, z)
         del z
         if grad_h is not None:

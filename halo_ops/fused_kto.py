@@ -60,7 +60,7 @@ def _sequence_terms(impl, policy_logps, ref_logps, labels, kl, options: KTOOptio
 
         return kto_sequence_terms(policy_logps, ref_logps, labels, kl, token_stats=token_stats, **weights)
     losses, coeff, rewards = kto_terms(policy_logps, ref_logps, labels, kl, *weights.values())
-    sums = metric_sums(losses, policy_logps, rewards, labels, *token_stats)
+    sums = metric_sums(losses, policy_logps, rewards, labels, *(token_stats or ()))
     return losses.detach(), coeff, rewards, sums
 
 
@@ -114,7 +114,9 @@ def _fused_linear_kto(
     else:
         token_logps, lse, entropy, mean_logit, jacobian = forward_tokens(token, hidden, weight, bias, targets)
     policy_logps = _sequence_logps(token_logps.view(batch, kto.seq), counts, kto)
-    token_stats = (mean_logit.view(batch, kto.seq).sum(-1), counts, entropy.view(batch, kto.seq).sum(-1))
+    token_stats = None
+    if token.return_stats:
+        token_stats = (mean_logit.view(batch, kto.seq).sum(-1), counts, entropy.view(batch, kto.seq).sum(-1))
     losses, coeff, rewards, sums = _sequence_terms(token.impl, policy_logps, ref_logps, labels, kl, kto, token_stats)
     losses, coeff, rewards = (t.to(acc) for t in (losses, coeff, rewards))
     token_coeff = _token_coefficients(coeff, counts, batch, kto).reshape(-1).clone()
@@ -187,6 +189,7 @@ def fused_linear_kto_loss(
     average_log_prob: bool = False,
     saturation_threshold: float = 0.0,
     recompute: bool | None = None,
+    token_metrics: bool = True,
     impl: str = "auto",
     check_targets: bool = True,
     check_finite: bool = False,
@@ -211,14 +214,17 @@ def fused_linear_kto_loss(
         average_log_prob: the per-sequence log-prob is the mean over its scored tokens instead of
             the sum (TRL's default is the sum).
         recompute: the gradients' schedule. ``True``: the forward keeps only the logsumexp and the backward
-            recomputes the logits in cache-sized tiles (four GEMMs). With a frozen head on the PyTorch path,
-            anything but ``True`` builds the Jacobian in the forward as :func:`halo_ops.linear_logprobs`
-            does, and dH there (two GEMMs). ``False`` (the PyTorch path only): the
-            eager schedule, which forms the gradients in the forward from each chunk of whole sequences'
-            logits, built once (three GEMMs; up to ``chunked.EAGER_BYTES`` of logits and softmax per chunk,
-            plus the fp32 gradients held from the forward to the backward). ``None`` (default): recompute,
-            the measured winner on CPU (bench/NOTES.md item 20). A sequence too long for the chunk, and the
-            Triton path, always recompute.
+            recomputes the logits in cache-sized tiles (four GEMMs). Otherwise, on the PyTorch path when a
+            backward will follow, the forward forms the gradients itself: from each chunk of whole
+            sequences' logits, built once (the eager schedule: three GEMMs; up to ``chunked.EAGER_BYTES`` of
+            logits and softmax per chunk, plus the fp32 gradients held from the forward to the backward),
+            or, with a frozen head, from each token's Jacobian as :func:`halo_ops.linear_logprobs` builds it
+            (two GEMMs). ``None`` (default) and ``False`` both choose that; the measured gains are in
+            bench/NOTES.md item 20. A sequence too long for the chunk, and the Triton path, recompute.
+        token_metrics: compute TRL's per-token metrics (``logits/chosen``, ``logits/rejected``, ``entropy``)
+            in the same pass. They cost about 30% of the PyTorch path's forward (an exp into a second buffer
+            and a product pass per tile, bench/NOTES.md item 21); ``False`` skips them (the metrics dict then
+            leaves them out).
         saturation_threshold: if > 0, sequences whose gradient coefficient |dloss_i/dlogp_i| is
             below it are left out of the backward (the sigmoid is saturated there). Approximate:
             the gradient error is at most ``saturation_threshold / B · Σ_skipped ‖∇ logp_i‖``.
@@ -236,7 +242,7 @@ def fused_linear_kto_loss(
     batch, seq = hidden.shape[:2]
     hidden2d, weight, bias, flat_targets, token_options = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
-        temperature=temperature, impl=impl, return_stats=True, check_targets=check_targets,
+        temperature=temperature, impl=impl, return_stats=bool(token_metrics), check_targets=check_targets,
         check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps,
         schedule=schedule)
     labels = as_bool_labels(labels, batch, hidden.device)
@@ -244,7 +250,7 @@ def fused_linear_kto_loss(
     z0 = reference_point(kl, loss_type, ref_logps.to(accumulation_dtype(hidden2d.dtype)))
     token_options = with_frozen_head_jacobian(token_options, hidden2d, weight, bias, recompute)
     needs = tuple(x is not None and x.requires_grad for x in (hidden2d, weight, bias))
-    eager = (torch.is_grad_enabled() and any(needs) and recompute is False and token_options.impl == "torch"
+    eager = (torch.is_grad_enabled() and any(needs) and recompute is not True and token_options.impl == "torch"
              and not token_options.save_jacobian and eager_sequences_per_chunk(seq, weight.shape[0], hidden2d.dtype))
     kto_options = KTOOptions(seq=seq, beta=float(beta), desirable_weight=float(desirable_weight),
                              undesirable_weight=float(undesirable_weight), average_log_prob=bool(average_log_prob),
@@ -254,7 +260,7 @@ def fused_linear_kto_loss(
         opts.encode(kto_options))
     losses, policy_logps, rewards, sums = (t.detach() for t in (losses, policy_logps, rewards, sums))
     return KTOOutput(loss=loss, losses=losses, kl=z0, policy_logps=policy_logps, rewards=rewards, labels=labels,
-                     metrics=metrics_from_sums(sums, z0, with_token_stats=True))
+                     metrics=metrics_from_sums(sums, z0, with_token_stats=bool(token_metrics)))
 
 
 class FusedLinearKTOLoss(nn.Module):

@@ -413,8 +413,27 @@ def test_eager_schedule_falls_back_for_a_long_sequence_and_under_no_grad(monkeyp
     monkeypatch.setattr(chunked, "chunked_eager", lambda *a, **k: calls.append(1) or real(*a, **k))
     leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
     with torch.no_grad():
-        fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl="torch", recompute=False)
+        fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl="torch")
     monkeypatch.setattr(chunked, "EAGER_BYTES", 9 * 2 * 53 * 4 - 1)  # one sequence no longer fits
-    out = fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl="torch", recompute=False)
+    out = fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl="torch")
     out.loss.backward()
     assert not calls and leaves[1].grad is not None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_token_metrics_can_be_skipped(impl):
+    """token_metrics=False: the same loss and gradients, without TRL's per-token metrics."""
+    hidden, weight, bias, targets, labels, ref_logps = _fused_inputs(3, 12, 16, 67, torch.float32, bias=True)
+    results = []
+    for token_metrics in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        out = fused_linear_kto_loss(leaves[0], leaves[1], targets, labels, ref_logps, bias=leaves[2], kl=0.2,
+                                    impl=impl, token_metrics=token_metrics)
+        out.loss.backward()
+        results.append((out, [t.grad for t in leaves]))
+    (full, full_grads), (lean, lean_grads) = results
+    assert "entropy" in full.metrics and not {"entropy", "logits/chosen"} & set(lean.metrics)
+    torch.testing.assert_close(lean.loss, full.loss)
+    torch.testing.assert_close(lean.metrics["rewards/margins"], full.metrics["rewards/margins"])
+    for a, b in zip(lean_grads, full_grads):
+        torch.testing.assert_close(a, b)
