@@ -69,7 +69,7 @@ def compiling_for(arch: int):
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    from halo_ops.kernels import interpreting, linear_logprobs_bwd, linear_logprobs_fwd
+    from halo_ops.kernels import gemm_schedule, interpreting, linear_logprobs_bwd, linear_logprobs_fwd, slab_backward
 
     if interpreting() or not isinstance(linear_logprobs_fwd.linear_logprobs_fwd_kernel.fn, JITFunction):
         raise RuntimeError("cross-compiling needs compiled kernels: run it in a process without TRITON_INTERPRET=1")
@@ -81,8 +81,8 @@ def compiling_for(arch: int):
         launches.append((self.__name__, compiled))
         return compiled
 
-    previous = driver._active
-    launchers = (linear_logprobs_fwd, linear_logprobs_bwd)
+    previous = driver._active if hasattr(driver, "_active") else driver.active  # Triton ≥ 3.4, and before
+    launchers = (linear_logprobs_fwd, linear_logprobs_bwd, slab_backward, gemm_schedule)
     real_arch = [module.device_arch for module in launchers]
     driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run = compile_only
@@ -257,7 +257,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="only the cases of this dtype (bfloat16, float16, float32)")
     parser.add_argument("--config", default=None,
                         help="BLOCK_N,BLOCK_V,BLOCK_D,warps,stages for every launch (default: the launchers' own)")
-    parser.add_argument("--out", type=Path, default=None, help="write cross-compile.md and cross-compile.json here")
+    parser.add_argument("--out", type=Path, default=None, help="write <name>.md and <name>.json here")
+    parser.add_argument("--name", default="cross-compile", help="results file stem (default: cross-compile)")
     args = parser.parse_args(argv)
     import triton
 
@@ -278,11 +279,14 @@ def main(argv=None) -> int:
     text = (f"Built {date} with triton {triton.__version__} and torch {torch.__version__}, on a machine without a "
             f"GPU (`python -m bench.cross_compile --arch {args.arch}`).\n\n" + markdown(rows))
     print(text)
+    found = problems(rows)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cross-compile.md").write_text("# Kernel resource usage per architecture\n\n" + text)
-        (args.out / "cross-compile.json").write_text(json.dumps(rows, indent=1) + "\n")
-    found = problems(rows)
+        flagged = "".join(f"- PROBLEM: {line}\n" for line in found) or "- no problem found\n"
+        (args.out / f"{args.name}.md").write_text("# Kernel resource usage per architecture\n\n" + text
+                                                 + "\nChecks (spills, shared memory, tensor cores, ordered atomics):\n\n"
+                                                 + flagged)
+        (args.out / f"{args.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     for line in found:
         print("PROBLEM:", line)
     return 1 if found else 0
