@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from .config import device_arch, launch_options, select_config
-from .slab_backward import add_product_fp32, slab_shape
-from .tiles import dlogits_from_projection, fold_tile
+from .slab_backward import backward_by_slabs, slab_shape
+from .tiles import dlogits_from_projection, empty_fold, fold_tile, store_partials
 from .transform import logit_transform, transform_args
 
 
@@ -41,11 +41,7 @@ def logits_fold_kernel(
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
-    b_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    b_sum_exp = tl.zeros((BLOCK_N,), tl.float32)
-    b_target_logit = tl.zeros((BLOCK_N,), tl.float32)
-    b_centered_sum = tl.zeros((BLOCK_N,), tl.float32)
-    b_logit_sum = tl.zeros((BLOCK_N,), tl.float32)
+    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = empty_fold(BLOCK_N)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
@@ -56,12 +52,8 @@ def logits_fold_kernel(
         b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = fold_tile(
             b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS)
-    tl.store(max_ptr + o_n, b_max, mask=m_n)
-    tl.store(sum_exp_ptr + o_n, b_sum_exp, mask=m_n)
-    tl.store(target_logit_ptr + o_n, b_target_logit, mask=m_n)
-    if RETURN_STATS:
-        tl.store(centered_sum_ptr + o_n, b_centered_sum, mask=m_n)
-        tl.store(logit_sum_ptr + o_n, b_logit_sum, mask=m_n)
+    store_partials(max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr, o_n, m_n, b_max,
+                   b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -139,45 +131,22 @@ def gemm_forward(hidden, weight, bias, targets, options, *, slab_bytes=None, con
 
 
 def gemm_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs, *, slab_bytes=None, config=None):
-    """Gradients of Σ_t grad_logps[t] · logps[t] by the GEMM schedule: fp32 dH, dW in the weight's dtype, fp32 db;
-    None where ``needs`` says no."""
+    """Gradients of Σ_t grad_logps[t] · logps[t] by the GEMM schedule: per slice, the projection GEMM into the
+    fp32 slab and ``dlogits_from_slab_kernel`` write dL/dy, then ``backward_by_slabs``'s GEMMs. Returns fp32
+    dH, dW in the weight's dtype, fp32 db; None where ``needs`` says no."""
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
-    needs_h, needs_w, needs_b = needs[0], needs[1], needs[2] and bias is not None
-    f32 = {"dtype": torch.float32, "device": hidden.device}
-    grad_h = torch.zeros((n_tokens, dim), **f32) if needs_h else None
-    grad_b = torch.zeros((vocab,), **f32) if needs_b else None
-    grad_w = None
-    if needs_w:
-        grad_w = (torch.empty if n_tokens else torch.zeros)((vocab, dim), dtype=weight.dtype, device=weight.device)
-    if n_tokens == 0 or not (needs_h or needs_w or needs_b):
-        return grad_h, grad_w, grad_b
-    rows, cols, slices, chunks = _slices(n_tokens, vocab, slab_bytes)
-    slab = torch.empty((rows, cols), **f32)
-    dy_slab = torch.empty((rows, cols), dtype=hidden.dtype, device=hidden.device)
+    rows, cols, _, _ = _slices(n_tokens, vocab, slab_bytes)
+    logits = torch.empty((rows, cols), dtype=torch.float32, device=hidden.device)
     cfg = config or select_config("fold", hidden.dtype, dim, vocab, device_arch(hidden.device))
     eps = float(options.grad_filter_eps)
-    for v0, v1 in slices:
-        w_slice = weight[v0:v1]
-        grad_w_slice = torch.zeros((v1 - v0, dim), **f32) if needs_w and len(chunks) > 1 else None
-        for n0, n1 in chunks:
-            y = projection_fp32(slab[: n1 - n0, : v1 - v0], hidden[n0:n1], w_slice)
-            dy = dy_slab[: n1 - n0, : v1 - v0]
-            dlogits_from_slab_kernel[(triton.cdiv(n1 - n0, cfg.block_n), triton.cdiv(v1 - v0, cfg.block_v))](
-                y, None if bias is None else bias[v0:v1], targets[n0:n1] - v0, lse[n0:n1], grad_logps[n0:n1], dy,
-                n1 - n0, v1 - v0, y.stride(0), dy.stride(0), filter_eps=eps, HAS_FILTER=eps > 0,
-                **transform_args(options.transform), **launch_options(cfg, with_block_d=False),
-            )
-            if needs_h:
-                add_product_fp32(grad_h[n0:n1], dy, w_slice)
-            if needs_w:
-                if grad_w_slice is None:
-                    torch.mm(dy.t(), hidden, out=grad_w[v0:v1])
-                else:
-                    add_product_fp32(grad_w_slice, dy.t(), hidden[n0:n1])
-            if needs_b:
-                grad_b[v0:v1] += dy.sum(0, dtype=torch.float32)
-        if grad_w_slice is not None:
-            grad_w[v0:v1].copy_(grad_w_slice)
-    return grad_h, grad_w, grad_b
 
+    def write_dy(n0, n1, v0, v1, dy):
+        y = projection_fp32(logits[: n1 - n0, : v1 - v0], hidden[n0:n1], weight[v0:v1])
+        dlogits_from_slab_kernel[(triton.cdiv(n1 - n0, cfg.block_n), triton.cdiv(v1 - v0, cfg.block_v))](
+            y, None if bias is None else bias[v0:v1], targets[n0:n1] - v0, lse[n0:n1], grad_logps[n0:n1], dy,
+            n1 - n0, v1 - v0, y.stride(0), dy.stride(0), filter_eps=eps, HAS_FILTER=eps > 0,
+            **transform_args(options.transform), **launch_options(cfg, with_block_d=False),
+        )
+
+    return backward_by_slabs(hidden, weight, bias, needs, rows, cols, write_dy)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import gemm_schedule
 from .config import BlockConfig, device_arch, dot_options, launch_options, select_config, vocab_splits
-from .tiles import fold_tile, projection_tile
+from .tiles import empty_fold, fold_tile, grouped_program, projection_tile, store_partials
 from .transform import logit_transform, transform_args
 
 GROUP_N = 8  # token blocks per group of the grid's order
@@ -37,24 +37,14 @@ def linear_logprobs_fwd_kernel(
     UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    splits = tl.cdiv(V, vocab_per_split)
-    per_group = GROUP_N * splits
-    first_n = (pid // per_group) * GROUP_N
-    group_n = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_n
-    pid_s = (pid % per_group) // group_n
+    pid_n, pid_s = grouped_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, vocab_per_split), GROUP_N)
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     b_target = tl.load(targets_ptr + o_n, mask=m_n, other=ignore_index)
     v_lo = pid_s * vocab_per_split
     v_hi = tl.minimum(v_lo + vocab_per_split, V)
 
-    b_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    b_sum_exp = tl.zeros((BLOCK_N,), tl.float32)
-    b_target_logit = tl.zeros((BLOCK_N,), tl.float32)
-    b_centered_sum = tl.zeros((BLOCK_N,), tl.float32)
-    b_logit_sum = tl.zeros((BLOCK_N,), tl.float32)
+    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = empty_fold(BLOCK_N)
     n_valid = tl.sum((m_n & (b_target != ignore_index)).to(tl.int32), axis=0)
     if n_valid > 0:
         for v0 in range(v_lo, v_hi, BLOCK_V):
@@ -68,13 +58,9 @@ def linear_logprobs_fwd_kernel(
             b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = fold_tile(
                 b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS)
 
-    o_out = pid_s.to(tl.int64) * N + o_n
-    tl.store(max_ptr + o_out, b_max, mask=m_n)
-    tl.store(sum_exp_ptr + o_out, b_sum_exp, mask=m_n)
-    tl.store(target_logit_ptr + o_out, b_target_logit, mask=m_n)
-    if RETURN_STATS:
-        tl.store(centered_sum_ptr + o_out, b_centered_sum, mask=m_n)
-        tl.store(logit_sum_ptr + o_out, b_logit_sum, mask=m_n)
+    store_partials(max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr,
+                   pid_s.to(tl.int64) * N + o_n, m_n, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum,
+                   RETURN_STATS)
 
 
 def linear_logprobs_forward(

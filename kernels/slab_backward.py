@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .config import device_arch, dot_options, launch_options, select_config
-from .tiles import dlogits_tile
+from .tiles import dlogits_tile, grouped_program
 from .transform import transform_args
 
 SLAB_BYTES = 1 << 27  # 128 MiB of dL/dy: 4096 bf16 columns at 16384 tokens
@@ -44,14 +44,7 @@ def dlogits_slab_kernel(
     UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    blocks_v = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP_N * blocks_v
-    first_n = (pid // per_group) * GROUP_N
-    group_n = tl.minimum(blocks_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_n
-    pid_v = (pid % per_group) // group_n
+    pid_n, pid_v = grouped_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     o_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -106,12 +99,13 @@ def slab_shape(n_tokens: int, vocab: int, itemsize: int, slab_bytes: int | None 
     return rows, cols
 
 
-def slab_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs, *, slab_bytes=None, config=None):
-    """Gradients of Σ_t grad_logps[t] · logps[t] for (hidden, weight, bias) by the slab schedule.
+def backward_by_slabs(hidden, weight, bias, needs, rows: int, cols: int, write_dy):
+    """The slab schedules' common loop: per vocabulary slice of ``cols`` columns and chunk of ``rows`` tokens,
+    ``write_dy(n0, n1, v0, v1, dy)`` fills ``dy`` [n1 − n0, v1 − v0] (a view of one slab in the inputs' dtype)
+    with dL/dy, then three GEMMs: dW[slice] = dYᵀ·H (straight into dW's dtype; through an fp32 slice when the
+    tokens come in chunks), dH[chunk] += dY·W[slice] (fp32), db[slice] += Σ dY (fp32).
 
-    Returns an fp32 dH accumulator, dW already in the weight's dtype, an fp32 db; None where ``needs``
-    says no. ``options``: a ``halo_ops.options.TokenOptions`` (transform, grad_filter_eps are read).
-    ``slab_bytes``: the slab's byte budget (default ``SLAB_BYTES``).
+    Returns (fp32 dH, dW in the weight's dtype, fp32 db), None where ``needs`` says no.
     """
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
@@ -124,27 +118,15 @@ def slab_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs
         grad_w = (torch.empty if n_tokens else torch.zeros)((vocab, dim), dtype=weight.dtype, device=weight.device)
     if n_tokens == 0 or not (needs_h or needs_w or needs_b):
         return grad_h, grad_w, grad_b
-    rows, cols = slab_shape(n_tokens, vocab, hidden.dtype.itemsize, slab_bytes)
     slab = torch.empty((rows, cols), dtype=hidden.dtype, device=hidden.device)
-    cfg = config or select_config("slab", hidden.dtype, dim, vocab, device_arch(hidden.device))
-    eps = float(options.grad_filter_eps)
     for v0 in range(0, vocab, cols):
         v1 = min(v0 + cols, vocab)
         w_slice = weight[v0:v1]
-        chunked_tokens = rows < n_tokens
-        grad_w_slice = torch.zeros((v1 - v0, dim), **f32) if needs_w and chunked_tokens else None
+        grad_w_slice = torch.zeros((v1 - v0, dim), **f32) if needs_w and rows < n_tokens else None
         for n0 in range(0, n_tokens, rows):
             n1 = min(n0 + rows, n_tokens)
             dy = slab[: n1 - n0, : v1 - v0]
-            grid = (triton.cdiv(n1 - n0, cfg.block_n) * triton.cdiv(v1 - v0, cfg.block_v),)
-            dlogits_slab_kernel[grid](
-                hidden[n0:n1], w_slice, None if bias is None else bias[v0:v1], targets[n0:n1] - v0, lse[n0:n1],
-                grad_logps[n0:n1], dy,
-                n1 - n0, v1 - v0, dim, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                dy.stride(0),
-                filter_eps=eps, HAS_FILTER=eps > 0, GROUP_N=GROUP_N, **transform_args(options.transform),
-                **dot_options(hidden.dtype), **launch_options(cfg),
-            )
+            write_dy(n0, n1, v0, v1, dy)
             if needs_h:
                 add_product_fp32(grad_h[n0:n1], dy, w_slice)
             if needs_w:
@@ -157,3 +139,31 @@ def slab_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs
         if grad_w_slice is not None:
             grad_w[v0:v1].copy_(grad_w_slice)
     return grad_h, grad_w, grad_b
+
+
+def slab_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs, *, slab_bytes=None, config=None):
+    """Gradients of Σ_t grad_logps[t] · logps[t] for (hidden, weight, bias) by the slab schedule: the Triton kernel
+    recomputes each tile of a slice and writes dL/dy, then ``backward_by_slabs``'s GEMMs.
+
+    Returns an fp32 dH accumulator, dW already in the weight's dtype, an fp32 db; None where ``needs``
+    says no. ``options``: a ``halo_ops.options.TokenOptions`` (transform, grad_filter_eps are read).
+    ``slab_bytes``: the slab's byte budget (default ``SLAB_BYTES``).
+    """
+    n_tokens, dim = hidden.shape
+    vocab = weight.shape[0]
+    rows, cols = slab_shape(n_tokens, vocab, hidden.dtype.itemsize, slab_bytes)
+    cfg = config or select_config("slab", hidden.dtype, dim, vocab, device_arch(hidden.device))
+    eps = float(options.grad_filter_eps)
+
+    def write_dy(n0, n1, v0, v1, dy):
+        grid = (triton.cdiv(n1 - n0, cfg.block_n) * triton.cdiv(v1 - v0, cfg.block_v),)
+        dlogits_slab_kernel[grid](
+            hidden[n0:n1], weight[v0:v1], None if bias is None else bias[v0:v1], targets[n0:n1] - v0, lse[n0:n1],
+            grad_logps[n0:n1], dy,
+            n1 - n0, v1 - v0, dim, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            dy.stride(0),
+            filter_eps=eps, HAS_FILTER=eps > 0, GROUP_N=GROUP_N, **transform_args(options.transform),
+            **dot_options(hidden.dtype), **launch_options(cfg),
+        )
+
+    return backward_by_slabs(hidden, weight, bias, needs, rows, cols, write_dy)

@@ -87,3 +87,33 @@ def fold_tile(b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_cente
         b_logit_sum += tl.sum(tl.where(m_v[None, :], b_z, 0.0), axis=1)
     b_sum_exp = b_sum_exp * b_alpha + tl.sum(b_e, axis=1)
     return b_max_new, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum
+
+
+@triton.jit
+def grouped_program(pid, blocks_n, blocks_other, GROUP_N: tl.constexpr):
+    """(token block, other block) of program ``pid`` in the grouped order: GROUP_N token blocks take every
+    other block before the next group starts (Triton's matmul tutorial), so the programs in flight share a
+    few rows of H while the other operand streams."""
+    per_group = GROUP_N * blocks_other
+    first_n = (pid // per_group) * GROUP_N
+    group_n = tl.minimum(blocks_n - first_n, GROUP_N)
+    return first_n + (pid % per_group) % group_n, (pid % per_group) // group_n
+
+
+@triton.jit
+def empty_fold(BLOCK_N: tl.constexpr):
+    """The running partials of ``fold_tile`` before any tile: max −inf, every sum 0."""
+    zeros = tl.zeros((BLOCK_N,), tl.float32)
+    return tl.full((BLOCK_N,), float("-inf"), tl.float32), zeros, zeros, zeros, zeros
+
+
+@triton.jit
+def store_partials(max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr, o_out, m_n, b_max,
+                   b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS: tl.constexpr):
+    """Write the rows' partials (``halo_ops.partials`` order) at offsets ``o_out``."""
+    tl.store(max_ptr + o_out, b_max, mask=m_n)
+    tl.store(sum_exp_ptr + o_out, b_sum_exp, mask=m_n)
+    tl.store(target_logit_ptr + o_out, b_target_logit, mask=m_n)
+    if RETURN_STATS:
+        tl.store(centered_sum_ptr + o_out, b_centered_sum, mask=m_n)
+        tl.store(logit_sum_ptr + o_out, b_logit_sum, mask=m_n)
