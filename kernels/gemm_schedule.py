@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .config import device_arch, launch_options, select_config
-from .slab_backward import backward_by_slabs, slab_shape
+from .slab_backward import backward_by_slabs, slab_shape, window
 from .tiles import dlogits_from_projection, empty_fold, fold_tile, store_partials
 from .transform import logit_transform, transform_args
 
@@ -84,8 +84,9 @@ _FP32_OUT_MM: dict[str, bool] = {}
 
 
 def projection_fp32(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``hidden · weightᵀ`` into ``out`` (an fp32 slab view), or, on CUDA where torch cannot write fp32 from
-    half-precision operands, into a slab view of the inputs' dtype returned instead. Off CUDA: upcast, exact."""
+    """``hidden · weightᵀ`` into ``out`` (a contiguous fp32 slab window). On CUDA where torch cannot write fp32
+    from half-precision operands (torch < 2.8), a product in the inputs' dtype is returned instead, as TRL's
+    head computes its logits. Off CUDA: upcast, exact."""
     if hidden.dtype == torch.float32:
         return torch.mm(hidden, weight.t(), out=out)
     if hidden.device.type != "cuda":
@@ -95,7 +96,9 @@ def projection_fp32(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
             result = torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
             _FP32_OUT_MM["cuda"] = True
             return result
-        except (TypeError, RuntimeError, NotImplementedError):
+        except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError from 2.5 on)
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):  # this torch has no fp32-output GEMM
             _FP32_OUT_MM["cuda"] = False
     return hidden @ weight.t()
 
@@ -119,7 +122,7 @@ def gemm_forward(hidden, weight, bias, targets, options, *, slab_bytes=None, con
     cfg = config or select_config("fold", hidden.dtype, dim, vocab, device_arch(hidden.device))
     for k, (v0, v1) in enumerate(slices):
         for n0, n1 in chunks:
-            y = projection_fp32(slab[: n1 - n0, : v1 - v0], hidden[n0:n1], weight[v0:v1])
+            y = projection_fp32(window(slab, n1 - n0, v1 - v0), hidden[n0:n1], weight[v0:v1])
             piece = partials[:, k, n0:n1]
             logits_fold_kernel[(triton.cdiv(n1 - n0, cfg.block_n),)](
                 y, None if bias is None else bias[v0:v1], targets[n0:n1] - v0,
@@ -142,7 +145,7 @@ def gemm_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs
     eps = float(options.grad_filter_eps)
 
     def write_dy(n0, n1, v0, v1, dy):
-        y = projection_fp32(logits[: n1 - n0, : v1 - v0], hidden[n0:n1], weight[v0:v1])
+        y = projection_fp32(window(logits, n1 - n0, v1 - v0), hidden[n0:n1], weight[v0:v1])
         dlogits_from_slab_kernel[(triton.cdiv(n1 - n0, cfg.block_n), triton.cdiv(v1 - v0, cfg.block_v))](
             y, None if bias is None else bias[v0:v1], targets[n0:n1] - v0, lse[n0:n1], grad_logps[n0:n1], dy,
             n1 - n0, v1 - v0, y.stride(0), dy.stride(0), filter_eps=eps, HAS_FILTER=eps > 0,

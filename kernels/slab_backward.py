@@ -82,7 +82,9 @@ def add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
                 torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
                 _FP32_OUT_GEMM["cuda"] = True
                 return
-            except (TypeError, RuntimeError, NotImplementedError):
+            except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError from 2.5 on)
+                raise
+            except (TypeError, RuntimeError, NotImplementedError):  # this torch has no fp32-output GEMM
                 _FP32_OUT_GEMM["cuda"] = False
         acc.add_(a @ b)
         return
@@ -97,6 +99,12 @@ def slab_shape(n_tokens: int, vocab: int, itemsize: int, slab_bytes: int | None 
     cols = min(max(cols, SLAB_COLUMN_MULTIPLE), triton.cdiv(vocab, SLAB_COLUMN_MULTIPLE) * SLAB_COLUMN_MULTIPLE)
     rows = min(n_tokens, max(1, budget // (cols * itemsize)))
     return rows, cols
+
+
+def window(slab: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous [rows, cols] view of the front of ``slab``'s storage: GEMMs with ``out=`` and the kernels
+    then see dense rows whatever the slice's width (a [:rows, :cols] slice of a wider slab would be strided)."""
+    return slab.view(-1)[: rows * cols].view(rows, cols)
 
 
 def backward_by_slabs(hidden, weight, bias, needs, rows: int, cols: int, write_dy):
@@ -125,7 +133,7 @@ def backward_by_slabs(hidden, weight, bias, needs, rows: int, cols: int, write_d
         grad_w_slice = torch.zeros((v1 - v0, dim), **f32) if needs_w and rows < n_tokens else None
         for n0 in range(0, n_tokens, rows):
             n1 = min(n0 + rows, n_tokens)
-            dy = slab[: n1 - n0, : v1 - v0]
+            dy = window(slab, n1 - n0, v1 - v0)
             write_dy(n0, n1, v0, v1, dy)
             if needs_h:
                 add_product_fp32(grad_h[n0:n1], dy, w_slice)
