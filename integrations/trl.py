@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 from trl import KTOTrainer
@@ -123,6 +124,15 @@ class HaloKTOTrainer(KTOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        if return_outputs:
+            # As TRL 1.16 does: prediction_step hands outputs.logits to compute_metrics, and the fused head builds
+            # none, so they come from one more plain forward, without gradient
+            warnings.warn(
+                "`return_outputs=True`, and the logits it passes to `compute_metrics`, are deprecated in TRL and will be "
+                "removed in its v2.0.0. The fused LM head does not build the logits, so they are recomputed with an "
+                "extra forward pass.", FutureWarning, stacklevel=2)
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
         return (loss, outputs) if return_outputs else loss
 
     def _log_kto_metrics(self, mode: str, out, batch) -> None:

@@ -155,3 +155,32 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.01
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("patched", [False, True], ids=["HaloKTOTrainer", "patch_kto_trainer"])
+def test_evaluation_with_compute_metrics(patched, tmp_path):
+    """compute_metrics gets the logits, as from TRL's own KTOTrainer (which recomputes them with a plain
+    forward); evaluating used to fail on FusedCausalLMOutput having no logits."""
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["shape"] = prediction.predictions.shape
+        return {"first_logit": float(prediction.predictions.reshape(-1)[0])}
+
+    results = {}
+    for cls in (trl.KTOTrainer, HaloKTOTrainer):
+        build = trl.KTOTrainer if patched else cls
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = build(model=tiny_model("llama", seed=0), ref_model=reference_model("llama"),
+                            args=_config(tmp_path / cls.__name__, per_device_eval_batch_size=4),
+                            train_dataset=kto_dataset(8), eval_dataset=kto_dataset(4),
+                            processing_class=char_tokenizer(), compute_metrics=compute_metrics)
+        if patched and cls is HaloKTOTrainer:
+            patch_kto_trainer(trainer)
+        results[cls] = trainer.evaluate()
+        assert len(seen.pop("shape")) == 3  # [batch, sequence, vocabulary] logits
+    trl_metrics, halo_metrics = results[trl.KTOTrainer], results[HaloKTOTrainer]
+    assert halo_metrics["eval_first_logit"] == pytest.approx(trl_metrics["eval_first_logit"], rel=1e-5)
+    assert halo_metrics["eval_loss"] == pytest.approx(trl_metrics["eval_loss"], rel=1e-4)
