@@ -55,6 +55,23 @@ def _kto_variants(shape: KTOShape):
             "fused (eager, no token metrics)": lambda: fused(False, False)}
 
 
+def _logprob_variants(shape: KTOShape):
+    """Per-token log-probs, forward and backward: the chunked path against plain PyTorch (full logits)."""
+    from .providers import plain_logprobs
+
+    x = shape.inputs("cpu")
+    hidden, weight, targets = x["hidden"].detach().flatten(0, 1), x["weight"].detach(), x["targets"].flatten()
+    targets = targets.clamp(min=0)  # every token scored, as plain PyTorch scores them
+    upstream = torch.randn(hidden.shape[0])
+
+    def run(fn):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        (fn(h, w, targets) * upstream).sum().backward()
+
+    return {"plain": lambda: run(plain_logprobs),
+            "halo-ops[torch]": lambda: run(lambda h, w, t: linear_logprobs(h, w, t, impl="torch", check_targets=False))}
+
+
 def interleaved(variants: dict, rounds: int) -> dict[str, list[float]]:
     for fn in variants.values():  # warm-up
         fn()
@@ -72,19 +89,32 @@ def interleaved(variants: dict, rounds: int) -> dict[str, list[float]]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.interleaved", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("frozen-head", "kto-loss"))
+    parser.add_argument("which", choices=("frozen-head", "kto-loss", "logprobs"))
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compete", action="store_true",
+                        help="run one competing busy process (a spinning Python loop) during the measurement")
     args = parser.parse_args(argv)
     shape = KTOShape(args.tokens // args.seq, args.seq, args.hidden, args.vocab, torch.float32)
-    variants = (_token_variants if args.which == "frozen-head" else _kto_variants)(shape)
-    times = interleaved(variants, args.rounds)
+    variants = {"frozen-head": _token_variants, "kto-loss": _kto_variants, "logprobs": _logprob_variants}[args.which](
+        shape)
+    competitor = None
+    if args.compete:
+        import subprocess
+        import sys
+
+        competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        times = interleaved(variants, args.rounds)
+    finally:
+        if competitor is not None:
+            competitor.kill()
     first = statistics.median(next(iter(times.values())))
     print(f"{args.which}: N={args.tokens} D={args.hidden} V={args.vocab} fp32, CPU {torch.get_num_threads()} threads, "
-          f"{args.rounds} interleaved rounds (a quarter of each sequence is prompt)")
+          f"{args.rounds} interleaved rounds" + (", one competing busy process" if args.compete else ", idle"))
     for name, values in times.items():
         median = statistics.median(values)
         print(f"  {name:40s} median {median:7.3f} s  ({median / first:.2f}×)  runs {[round(v, 2) for v in values]}")

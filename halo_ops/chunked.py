@@ -22,9 +22,12 @@ from . import partials as P
 from .options import TokenOptions, accumulation_dtype
 from .transform import LogitTransform
 
-# Logits per tile: a tile and its temporaries are a few times 4 · TILE_ELEMENTS bytes.
-TILE_ELEMENTS = 1 << 20
-TOKEN_CHUNK = 256
+# Logits per tile: a tile and its temporaries are a few times 4 · TILE_ELEMENTS bytes (16 MiB tiles, within a
+# 32 MiB L3). Tiles of 2^20 (256 × 4096) ran as fast on an idle 2-core machine, but with one competing process
+# every tile's GEMM and elementwise pass waited on a busy core at its thread barrier: 4× fewer, larger tiles
+# took the loaded forward+backward from 1.24× to 0.99× of plain PyTorch's time (bench/NOTES.md item 21).
+TILE_ELEMENTS = 1 << 22
+TOKEN_CHUNK = 512
 
 
 def _vocab_chunk(vocab: int) -> int:
