@@ -93,16 +93,7 @@ def tune_schedule(shape: Shape, device: torch.device, repeats: int = 3, timer=No
     for schedule, call in calls.items():
         call.schedule = schedule
         row = {"kernel": SCHEDULE, "schedule": schedule, "ms": None, "error": None}
-        try:
-            row["error"] = relative_error(call(), expected)
-        except Exception as exc:  # noqa: BLE001 - a schedule that fails here is a result too
-            row["failure"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
-        else:
-            if row["error"] > TOLERANCE[shape.dtype]:
-                row["failure"] = f"result differs from the atomic schedule's by {row['error']:.2e} (relative)"
-            else:
-                row["ms"] = timer(call, device, repeats) * 1e3
-        rows.append(row)
+        rows.append(check_and_time(row, call, expected, "the atomic schedule's", shape.dtype, device, repeats, timer))
     return rows
 
 
@@ -118,6 +109,21 @@ def schedule_entry(arch: str, shape: Shape, rows: list[dict], env: dict) -> dict
             "ms": {r["schedule"]: round(r["ms"], 4) for r in timed},
             "measured_at": {"tokens": shape.tokens, "hidden": shape.hidden, "vocab": shape.vocab},
             "device": env["device"], "date": env["date"]}
+
+
+def check_and_time(row: dict, call, expected, baseline: str, dtype, device, repeats: int, timer) -> dict:
+    """Fill ``row``: the result's relative error against ``expected``, then its time if within tolerance; a
+    failure (it does not run here, or it differs) is recorded as a result too."""
+    try:
+        row["error"] = relative_error(call(), expected)
+    except Exception as exc:  # noqa: BLE001 - a candidate that does not compile here is a result too
+        row["failure"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+        return row
+    if row["error"] > TOLERANCE[dtype]:
+        row["failure"] = f"result differs from {baseline} by {row['error']:.2e} (relative)"
+    else:
+        row["ms"] = timer(call, device, repeats) * 1e3
+    return row
 
 
 def relative_error(result, expected) -> float:
@@ -139,17 +145,7 @@ def tune(kernel: str, shape: Shape, device: torch.device, candidates: list[Block
     for config in dict.fromkeys([default, *candidates]):
         row = {"kernel": kernel, "config": config, "default": config == default, "ms": None, "error": None}
         call = kernel_call(kernel, hidden, weight, targets, config)
-        try:
-            row["error"] = relative_error(call(), expected)
-        except Exception as exc:  # noqa: BLE001 - a config that does not compile here is a result too
-            row["failure"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
-            rows.append(row)
-            continue
-        if row["error"] > TOLERANCE[shape.dtype]:
-            row["failure"] = f"result differs from the default config's by {row['error']:.2e} (relative)"
-        else:
-            row["ms"] = timer(call, device, repeats) * 1e3
-        rows.append(row)
+        rows.append(check_and_time(row, call, expected, "the default config's", shape.dtype, device, repeats, timer))
     return rows
 
 

@@ -155,7 +155,7 @@ def _policy_loss(fused: bool, **options):
         if "_ref" not in x:  # the reference model's log-probs: near the policy's, so no sigmoid saturates
             with torch.no_grad():
                 x["_ref"] = linear_logprobs(x["ref_hidden"], x["ref_weight"], x["targets"], reduction="sum",
-                                            check_targets=False, **{k: v for k, v in options.items() if k == "impl"})
+                                            check_targets=False, impl=options.get("impl", "auto"))
         ref = x["_ref"]
         if fused:
             loss = fused_linear_kto_loss(x["hidden"], x["weight"], x["targets"], x["labels"], ref, kl=0.1, beta=BETA,
