@@ -111,11 +111,13 @@ class Case:
     needs: tuple[bool, bool, bool] = (True, True, True)
     matmul_precision: str = "highest"  # torch.set_float32_matmul_precision: "high" takes fp32 GEMMs to TF32
     config: object = None  # kernels.BlockConfig, None: the launcher's choice
+    forward_gradients: bool = False  # also the frozen head's Jacobian forward and the fused losses' eager schedule
 
 
 def standard_cases() -> list[Case]:
     """The specializations the public ops produce: every dtype, plain and with every option on, each
-    backward schedule (atomic, owner, slab), gradient filtering, and a frozen head (dH only, the LoRA case)."""
+    backward schedule (atomic, owner, slab, gemm), gradient filtering, a frozen head (dH only, the LoRA case),
+    and the schedules that form gradients in the forward (the Jacobian, eager)."""
     cases = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         name = str(dtype).removeprefix("torch.")
@@ -125,6 +127,7 @@ def standard_cases() -> list[Case]:
         cases.append(Case(f"{name} owner", dtype, schedule="owner"))
         cases.append(Case(f"{name} slab", dtype, schedule="slab"))
         cases.append(Case(f"{name} gemm", dtype, schedule="gemm"))
+        cases.append(Case(f"{name} jacobian+eager", dtype, schedule="gemm", forward_gradients=True))
     cases.append(Case("float32 TF32 (matmul precision high)", torch.float32, matmul_precision="high"))
     cases.append(Case("bfloat16 owner bias+softcap+filter", torch.bfloat16, bias=True, softcap=True,
                       schedule="owner", grad_filter_eps=2**-12))
@@ -133,6 +136,8 @@ def standard_cases() -> list[Case]:
     cases.append(Case("bfloat16 gemm bias+softcap+stats+filter", torch.bfloat16, bias=True, softcap=True,
                       return_stats=True, schedule="gemm", grad_filter_eps=2**-12))
     cases.append(Case("bfloat16 frozen head (dH only)", torch.bfloat16, needs=(True, False, False)))
+    cases.append(Case("bfloat16 jacobian+eager bias+softcap+stats+filter", torch.bfloat16, bias=True, softcap=True,
+                      return_stats=True, schedule="gemm", grad_filter_eps=2**-12, forward_gradients=True))
     return cases
 
 
@@ -159,6 +164,12 @@ def launch_case(case: Case, n_tokens: int = 256, dim: int = 256, vocab: int = 10
         linear_logprobs_forward(hidden, weight, bias, targets, options, **config)
         linear_logprobs_backward(hidden, weight, bias, targets, torch.zeros(n_tokens), torch.ones(n_tokens), options,
                                  case.needs, slice_rows=weight_slice_rows(vocab, dim, case.dtype), **config)
+        if case.forward_gradients:
+            from halo_ops.kernels import eager_gradients, jacobian_forward
+
+            jacobian_forward(hidden, weight, bias, targets, options, **config)
+            coefficients = lambda r0, r1, partials: (torch.zeros(r1 - r0), torch.ones(r1 - r0))  # noqa: E731
+            eager_gradients(hidden, weight, bias, targets, options, n_tokens // 2, coefficients, case.needs, **config)
     finally:
         torch.set_float32_matmul_precision(precision)
     if case.dtype == torch.float32 and not case.bias and case.schedule == "atomic":

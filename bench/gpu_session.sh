@@ -12,7 +12,8 @@
 #   setup (install .whl/ offline), tests (compiled Triton, focused), floor (cuBLAS GEMM rate at the target
 #   shape and at the slab shapes, copy bandwidth), schedules (each halo-ops schedule: forward, backward,
 #   forward+backward, forward-only, peak memory), TRL's head, kto-step (the whole LM-head part of a KTO
-#   step against TRL and Liger), frozen-head (dH only, against TRL), sweep (every backward schedule timed
+#   step against TRL and Liger), frozen-head (dH only: the Jacobian, its recompute, TRL), kto-loss (the fused
+#   KTO op eager and recomputing, against the composed pieces), sweep (every backward schedule timed
 #   for impl='auto', then block configs), the other peers (cut-cross-entropy with and without its filter,
 #   torch's linear_cross_entropy where torch has it, plain, torch.compile; one process each).
 # Files, at most 8, into $OUT (the device tool's folder) or bench/results/gpu-session: summary.md (printed
@@ -34,10 +35,12 @@ if [ "$MODE" = smoke ]; then
     export TRITON_INTERPRET=1
     [ -x .venv/bin/python ] && PY=.venv/bin/python
     N=256; D=32; V=1000; SEQ=64; DTYPE=fp32; DEVICE=cpu; SLAB="256,256,32;256,256,1000"
-    T_TESTS=60; T_FLOOR=60; T_SCHED=120; T_PEER=90; T_COMPILE=90; T_KTO=120; T_SWEEP=150; T_FROZEN=60; BUDGET=1200
+    T_TESTS=60; T_FLOOR=60; T_SCHED=120; T_PEER=90; T_COMPILE=90; T_KTO=120; T_SWEEP=150; T_FROZEN=60; T_LOSS=60
+    BUDGET=1300
 else
     N=16384; D=4096; V=128256; SEQ=1024; DTYPE=bf16; DEVICE=cuda; SLAB="8192,16384,4096;16384,8192,4096"
-    T_TESTS=100; T_FLOOR=25; T_SCHED=90; T_PEER=35; T_COMPILE=60; T_KTO=60; T_SWEEP=60; T_FROZEN=25; BUDGET=470
+    T_TESTS=100; T_FLOOR=25; T_SCHED=90; T_PEER=35; T_COMPILE=60; T_KTO=60; T_SWEEP=60; T_FROZEN=30; T_LOSS=40
+    BUDGET=470
 fi
 SHAPE="--tokens $N --hidden $D --vocab $V --dtype $DTYPE --device $DEVICE --out $WORK"
 ARCH=""; [ "$MODE" = smoke ] && ARCH="--arch sm_90"  # the interpreter has no GPU to name the table's key
@@ -88,7 +91,12 @@ case "$MODE" in
         peer trl "$T_PEER"
         step kto-step "$T_KTO" "$PY -m bench $SHAPE --cases kto-step --seq $SEQ --distribution random \
             --providers halo-ops,trl,liger,plain --name kto-step"
-        step frozen-head "$T_FROZEN" "$PY -m bench $SHAPE --cases frozen-head --providers 'halo-ops,trl' --name frozen"
+        # fewer GEMMs: the frozen head's Jacobian (2) against its recompute (3), the fused KTO's eager schedule (3)
+        # against its recompute (4) and against the composed public pieces
+        step frozen-head "$T_FROZEN" "$PY -m bench $SHAPE --cases frozen-head \
+            --providers 'halo-ops,halo-ops[recompute],trl' --name frozen"
+        step kto-loss "$T_LOSS" "$PY -m bench $SHAPE --cases kto-loss --seq $SEQ --distribution random \
+            --providers 'halo-ops,halo-ops[recompute],halo-ops[composed]' --name kto-loss"
         # what impl='auto' should run here: every schedule timed and checked, then the slab and forward tiles
         step sweep "$T_SWEEP" "$PY -m bench.autotune --device $DEVICE --tokens $N --hidden $D --vocab $V \
             --dtype $DTYPE --kernels schedule,slab,fold,forward $ARCH --repeats 1 \

@@ -178,6 +178,7 @@ LOSS_PROVIDERS = {
         Provider("halo-ops[torch/recompute]", _policy_loss(True, impl="torch", recompute=True), _always),
         Provider("halo-ops[torch/composed]", _policy_loss(False, impl="torch"), _always),
         Provider("halo-ops", _policy_loss(True), _halo_triton_available),
+        Provider("halo-ops[recompute]", _policy_loss(True, recompute=True), _halo_triton_available),
         Provider("halo-ops[composed]", _policy_loss(False), _halo_triton_available),
     )
 }

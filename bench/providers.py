@@ -99,6 +99,12 @@ def halo_schedule(schedule: str):
     return logprobs
 
 
+def halo_recompute_logprobs(hidden, weight, targets):
+    """halo-ops on the Triton path with recompute=True: a frozen head's backward recomputes instead of scaling the
+    Jacobian built in the forward (the frozen-head case's A/B)."""
+    return linear_logprobs(hidden, weight, targets, check_targets=False, recompute=True, **HALO_OPTIONS)
+
+
 def halo_torch_logprobs(hidden, weight, targets):
     return linear_logprobs(hidden, weight, targets, impl="torch", check_targets=False, **HALO_OPTIONS)
 
@@ -117,6 +123,7 @@ PROVIDERS = {
     for p in (
         Provider("halo-ops", halo_logprobs, _halo_triton_available),
         *(Provider(f"halo-ops[{s}]", halo_schedule(s), _halo_triton_available) for s in ("atomic", "owner", "slab", "gemm")),
+        Provider("halo-ops[recompute]", halo_recompute_logprobs, _halo_triton_available),
         Provider("halo-ops[torch]", halo_torch_logprobs, _always),
         Provider("halo-ops[torch/recompute]", halo_torch_recompute_logprobs, _always),
         Provider("plain", plain_logprobs, _always),

@@ -3,7 +3,8 @@
 Reads every ``*.csv`` that ``python -m bench`` wrote into DIR, ``floor.json`` from ``python -m bench.floor``
 and ``steps.tsv`` from the session script, and prints Markdown: the environment, each step's outcome
 and duration, then every measured row with its time over the GEMM floor of its case (forward and
-forward-only: 1 GEMM of 2·N·D·V flops at the measured rate; backward: 3; forward+backward: 4), over
+forward-only: 1 GEMM of 2·N·D·V flops at the measured rate; backward: 3; forward+backward: 4; frozen-head:
+2; kto-loss: 3), over
 TRL's head on the same case, and its memory beyond the gradient outputs over TRL's.
 """
 
@@ -14,9 +15,11 @@ import csv
 import json
 from pathlib import Path
 
-# GEMM floors: forward 1; backward 3 (recompute, dH, dW); forward+backward 4; a frozen head needs dH only (3 with a
-# recompute, 2 with the Jacobian built in the forward: the floor quoted is the recompute's)
-GEMMS_PER_CASE = {"forward": 1, "forward-only": 1, "backward": 3, "forward+backward": 4, "frozen-head": 3}
+# GEMM floors: forward 1; backward 3 (recompute, dH, dW); forward+backward 4; the schedules that form gradients in
+# the forward go lower, and their floor is quoted: a frozen head 2 (the projection and the Jacobian's product, where
+# a recompute needs 3), the fused KTO loss 3 (the eager schedule's projection, dH and dW, where a recompute needs 4)
+GEMMS_PER_CASE = {"forward": 1, "forward-only": 1, "backward": 3, "forward+backward": 4, "frozen-head": 2,
+                  "kto-loss": 3}
 
 
 def read_rows(directory: Path) -> tuple[list[dict], dict]:

@@ -199,26 +199,17 @@ def chunked_backward(hidden, weight, bias, targets, lse, grad_logps, options: To
     return grad_h, grad_w, grad_b
 
 
-# Logits of one chunk of whole sequences in the eager schedule, with the softmax beside them: rows × V × 2 floats.
-EAGER_BYTES = 1 << 28
-
-
-def eager_sequences_per_chunk(seq: int, vocab: int, dtype: torch.dtype) -> int:
-    """Whole sequences per chunk of the eager schedule within ``EAGER_BYTES``; 0 when one sequence does not fit."""
-    row_bytes = 2 * vocab * accumulation_dtype(dtype).itemsize
-    return EAGER_BYTES // max(1, seq * row_bytes)
-
-
-def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int, token_coefficients,
+def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int, per_chunk: int, token_coefficients,
                   needs: tuple[bool, bool, bool]):
     """The token op's forward and, in the same pass, the gradients of a sequence-level loss: three GEMMs, no
     recompute.
 
     For a loss whose coefficient dloss/dlogp_t for a sequence's tokens depends on that sequence alone (given
     constants such as the batch size), ``token_coefficients(logps [b, T], first_sequence) -> [b, T]`` gives
-    them for a chunk of whole sequences from its per-token log-probs. Each chunk's logits ``[rows, V]`` and
-    its softmax are built once (``EAGER_BYTES`` bounds them), then ``dL/dy = g · (onehot − p) · dz/dy``,
-    ``dH = dL/dy · W`` and ``dW += dL/dyᵀ · H``. Rows with an ignored target are left out on CPU.
+    them for a chunk of ``per_chunk`` whole sequences from its per-token log-probs (``halo_ops.eager``). Each
+    chunk's logits ``[rows, V]`` and its softmax are built once, then ``dL/dy = g · (onehot − p) · dz/dy``,
+    ``dH = dL/dy · W`` and ``dW += dL/dyᵀ · H`` (with ``options.grad_filter_eps``, p below it counts as 0).
+    Rows with an ignored target are left out on CPU.
 
     Returns (logps, lse, entropy, mean_logit) [N] as ``forward_tokens`` does, and the gradients (dH [N, D],
     dW [V, D], db [V]) in the accumulation dtype, None where ``needs`` says no.
@@ -227,9 +218,6 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
     vocab = weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     transform, stats = options.transform, options.return_stats
-    per_chunk = eager_sequences_per_chunk(seq, vocab, hidden.dtype)
-    if per_chunk < 1:
-        raise ValueError(f"a sequence of {seq} tokens does not fit the eager chunk ({EAGER_BYTES} bytes)")
     new = {"dtype": acc, "device": hidden.device}
     logps, lse = torch.zeros(n_tokens, **new), torch.full((n_tokens,), float("inf"), **new)
     entropy = torch.zeros(n_tokens, **new) if stats else None
@@ -265,6 +253,8 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
         if carrying is not None:
             p, z, g, target, h_c, out = p[carrying], z[carrying], g[carrying], target[carrying], h_c[carrying], \
                 out[carrying]
+        if options.grad_filter_eps > 0:  # the backward's gradient filtering, as in chunked_backward
+            p.masked_fill_(p < options.grad_filter_eps, 0.0)
         dz = p.mul_(-g.unsqueeze(1))
         dz.index_put_((torch.arange(len(g), device=hidden.device), target), g, accumulate=True)
         dy = transform.grad_from_logits_(dz, z)

@@ -29,7 +29,7 @@ from .losses.kto import (
     metrics_from_sums,
     reference_point,
 )
-from .chunked import eager_sequences_per_chunk
+from .eager import eager_forward, eager_sequences_per_chunk
 from .options import accumulation_dtype
 from .token_op import forward_tokens, jacobian_grad, projection_grads
 from .validation import check_sequence_tensor
@@ -80,9 +80,7 @@ def _token_coefficients(coeff, counts, batch: int, kto: KTOOptions):
 
 
 def _eager_forward(token, kto: KTOOptions, hidden, weight, bias, targets, ref_logps, labels, kl, counts, batch):
-    """The forward with the gradients formed in the same pass (``chunked.chunked_eager``): three GEMMs."""
-    from .chunked import chunked_eager
-
+    """The forward with the gradients formed in the same pass (``halo_ops.eager``): three GEMMs."""
     weights = (kto.beta, kto.desirable_weight, kto.undesirable_weight)
 
     def token_coefficients(chunk_logps, first):
@@ -91,7 +89,7 @@ def _eager_forward(token, kto: KTOOptions, hidden, weight, bias, targets, ref_lo
         coeff = kto_terms(policy, ref_logps[rows], labels[rows], kl, *weights, batch=batch)[1]
         return _token_coefficients(coeff, counts[rows], batch, kto)
 
-    return chunked_eager(hidden, weight, bias, targets, token, kto.seq, token_coefficients, kto.eager)
+    return eager_forward(hidden, weight, bias, targets, token, kto.seq, token_coefficients, kto.eager)
 
 
 @torch.library.custom_op("halo_ops::fused_linear_kto", mutates_args=())
@@ -214,13 +212,15 @@ def fused_linear_kto_loss(
         average_log_prob: the per-sequence log-prob is the mean over its scored tokens instead of
             the sum (TRL's default is the sum).
         recompute: the gradients' schedule. ``True``: the forward keeps only the logsumexp and the backward
-            recomputes the logits in cache-sized tiles (four GEMMs). Otherwise, on the PyTorch path when a
-            backward will follow, the forward forms the gradients itself: from each chunk of whole
-            sequences' logits, built once (the eager schedule: three GEMMs; up to ``chunked.EAGER_BYTES`` of
-            logits and softmax per chunk, plus the fp32 gradients held from the forward to the backward),
-            or, with a frozen head, from each token's Jacobian as :func:`halo_ops.linear_logprobs` builds it
-            (two GEMMs). ``None`` (default) and ``False`` both choose that; the measured gains are in
-            bench/NOTES.md item 20. A sequence too long for the chunk, and the Triton path, recompute.
+            recomputes the logits (four GEMMs; on the Triton path the backward runs ``schedule``).
+            Otherwise, when a backward will follow, the forward forms the gradients itself, on both paths:
+            from each chunk of whole sequences' logits, built once (the eager schedule, ``halo_ops.eager``:
+            three GEMMs; a chunk's logits within ``eager.EAGER_BYTES``, 256 MiB, on CPU and
+            ``EAGER_BYTES_CUDA``, 1 GiB, on a GPU, plus the fp32 dH [N, D] and dW [V, D] held from the
+            forward to the backward), or, with a frozen head and no gradient filtering, from each token's
+            Jacobian as :func:`halo_ops.linear_logprobs` builds it (two GEMMs). ``None`` (default) and
+            ``False`` both choose that; the measured gains are in bench/NOTES.md item 20. A sequence too
+            long for one chunk recomputes.
         token_metrics: compute TRL's per-token metrics (``logits/chosen``, ``logits/rejected``, ``entropy``)
             in the same pass. They cost about 30% of the PyTorch path's forward (an exp into a second buffer
             and a product pass per tile, bench/NOTES.md item 21); ``False`` skips them (the metrics dict then
@@ -250,8 +250,8 @@ def fused_linear_kto_loss(
     z0 = reference_point(kl, loss_type, ref_logps.to(accumulation_dtype(hidden2d.dtype)))
     token_options = with_frozen_head_jacobian(token_options, hidden2d, weight, bias, recompute)
     needs = tuple(x is not None and x.requires_grad for x in (hidden2d, weight, bias))
-    eager = (torch.is_grad_enabled() and any(needs) and recompute is not True and token_options.impl == "torch"
-             and not token_options.save_jacobian and eager_sequences_per_chunk(seq, weight.shape[0], hidden2d.dtype))
+    eager = (torch.is_grad_enabled() and any(needs) and recompute is not True and not token_options.save_jacobian
+             and eager_sequences_per_chunk(seq, weight.shape[0], hidden2d.dtype, token_options.impl, hidden2d.device))
     kto_options = KTOOptions(seq=seq, beta=float(beta), desirable_weight=float(desirable_weight),
                              undesirable_weight=float(undesirable_weight), average_log_prob=bool(average_log_prob),
                              saturation_threshold=float(saturation_threshold), eager=needs if eager else None)

@@ -83,12 +83,14 @@ def resolve_schedule(schedule: str, *, impl: str, deterministic: bool, grad_filt
 
 def with_frozen_head_jacobian(options: TokenOptions, hidden, weight, bias, recompute) -> TokenOptions:
     """``options`` with ``save_jacobian`` where it pays: a backward will follow for ``hidden`` alone (the head
-    is frozen, as under LoRA), on the PyTorch path, and ``recompute`` is not True. The forward then builds
-    d logp / d hidden in its sweep (two GEMMs in all, the Jacobian [N, D] kept) instead of the backward
-    recomputing the logits (three)."""
+    is frozen, as under LoRA), no gradient filtering (which needs the final softmax) and ``recompute`` is
+    not True. The forward then builds d logp / d hidden in its sweep (two GEMMs in all, the fp32 Jacobian
+    [N, D] kept; ``chunked.chunked_forward``, ``kernels.jacobian``) instead of the backward recomputing the
+    logits (three)."""
     frozen = not weight.requires_grad and not (bias is not None and bias.requires_grad)
-    wanted = torch.is_grad_enabled() and hidden.requires_grad and frozen and recompute is not True
-    return dataclasses.replace(options, save_jacobian=True) if wanted and options.impl == "torch" else options
+    wanted = (torch.is_grad_enabled() and hidden.requires_grad and frozen and recompute is not True
+              and options.grad_filter_eps == 0)
+    return dataclasses.replace(options, save_jacobian=True) if wanted else options
 
 
 def _autocast(tensor: torch.Tensor | None, device_type: str) -> torch.Tensor | None:

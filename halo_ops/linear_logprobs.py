@@ -77,9 +77,11 @@ def linear_logprobs(
             with gradient filtering and ``"slab"`` otherwise. The PyTorch path has one schedule and takes
             only ``"auto"``.
         recompute: ``True`` makes the backward recompute the logits always. ``None`` (default): with a
-            frozen head (weight and bias without gradient, hidden with) on the PyTorch path, the forward
-            builds each token's Jacobian d logp_t / d h_t in its sweep (one more GEMM per tile) and the
-            backward only scales it: two GEMMs in all instead of three, and [N, D] kept (bench/NOTES.md).
+            frozen head (weight and bias without gradient, hidden with) and no gradient filtering, the
+            forward builds each token's Jacobian d logp_t / d h_t in its sweep (one more GEMM per tile; on
+            the Triton path over cuBLAS slabs, ``kernels/jacobian.py``, whatever ``schedule`` says) and the
+            backward only scales it: two GEMMs in all instead of three, and an fp32 [N, D] kept
+            (bench/NOTES.md).
 
     Returns float32 log-probs (float64 for float64 inputs), differentiable with respect to hidden,
     weight and bias; gradients come back in the inputs' dtypes. Under ``torch.autocast`` the

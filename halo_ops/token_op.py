@@ -37,7 +37,7 @@ def weight_slice_rows(vocab: int, dim: int, weight_dtype: torch.dtype) -> int:
 def forward_tokens(options: TokenOptions, hidden, weight, bias, targets):
     """(logps, lse, entropy, mean_logit, jacobian): each but the last [N] in the accumulation dtype, the
     stats None without ``options.return_stats``; the Jacobian d logp_t / d h_t [N, D] with
-    ``options.save_jacobian`` (the PyTorch path), else None. Autocast is off inside; N = 0 is handled."""
+    ``options.save_jacobian``, else None. Autocast is off inside; N = 0 is handled."""
     acc = accumulation_dtype(hidden.dtype)
     jacobian = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if options.save_jacobian else None
     if hidden.shape[0] == 0:
@@ -49,6 +49,10 @@ def forward_tokens(options: TokenOptions, hidden, weight, bias, targets):
             from .chunked import chunked_forward
 
             partials, jacobian = chunked_forward(hidden, weight, bias, targets, options)
+        elif options.save_jacobian:
+            from .kernels.jacobian import jacobian_forward
+
+            partials, jacobian = jacobian_forward(hidden, weight, bias, targets, options)
         else:
             from .kernels import linear_logprobs_forward
 

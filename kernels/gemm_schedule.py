@@ -27,33 +27,44 @@ from .tiles import dlogits_from_projection, empty_fold, fold_tile, store_partial
 from .transform import logit_transform, transform_args
 
 
+@triton.jit
+def load_projection(y_ptr, bias_ptr, o_n, m_n, o_v, m_v, stride_y, HAS_BIAS: tl.constexpr):
+    """A [BLOCK_N, BLOCK_V] tile of a projection slab in fp32, the bias added (0 outside the slab)."""
+    b_y = tl.load(y_ptr + o_n[:, None].to(tl.int64) * stride_y + o_v[None, :], mask=m_n[:, None] & m_v[None, :],
+                  other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_y += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    return b_y
+
+
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
 @triton.jit
 def logits_fold_kernel(
     y_ptr, bias_ptr, targets_ptr,
     max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr,
-    N, V, stride_y, logit_scale, softcap, temperature, inv_temperature,
+    N, V, stride_y, split_v, logit_scale, softcap, temperature, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """One program per BLOCK_N rows of the slab: the row's partials over the slab's V columns (the targets are
-    relative to the slab's first column; an ignored row's target logit is masked when the pieces merge)."""
+    """Program (i, s) folds BLOCK_N rows of the slab over its columns [s · split_v, (s + 1) · split_v) into the
+    rows' partials of piece s (at ``s · N`` in each partial's array; ``split_v`` a multiple of BLOCK_V). The
+    targets are relative to the slab's first column; an ignored row's target logit is masked when the pieces
+    merge."""
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_s = tl.program_id(1)
     m_n = o_n < N
     b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
     b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = empty_fold(BLOCK_N)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(pid_s * split_v, tl.minimum((pid_s + 1) * split_v, V), BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        p_y = y_ptr + o_n[:, None].to(tl.int64) * stride_y + o_v[None, :]
-        b_y = tl.load(p_y, mask=m_n[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b_y += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+        b_y = load_projection(y_ptr, bias_ptr, o_n, m_n, o_v, m_v, stride_y, HAS_BIAS)
         b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = fold_tile(
             b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS)
-    store_partials(max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr, o_n, m_n, b_max,
-                   b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS)
+    store_partials(max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr,
+                   pid_s.to(tl.int64) * N + o_n, m_n, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum,
+                   RETURN_STATS)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -71,9 +82,7 @@ def dlogits_from_slab_kernel(
     m_v = o_v < V
     m = m_n[:, None] & m_v[None, :]
     b_g = tl.load(grad_ptr + o_n, mask=m_n, other=0.0)
-    b_y = tl.load(y_ptr + o_n[:, None].to(tl.int64) * stride_y + o_v[None, :], mask=m, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b_y += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    b_y = load_projection(y_ptr, bias_ptr, o_n, m_n, o_v, m_v, stride_y, HAS_BIAS)
     b_dz = dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, logit_scale, softcap,
                                    temperature, inv_temperature, filter_eps, HAS_SOFTCAP, HAS_FILTER)
     p_dy = dy_ptr + o_n[:, None].to(tl.int64) * stride_dy + o_v[None, :]
@@ -123,14 +132,27 @@ def gemm_forward(hidden, weight, bias, targets, options, *, slab_bytes=None, con
     for k, (v0, v1) in enumerate(slices):
         for n0, n1 in chunks:
             y = projection_fp32(window(slab, n1 - n0, v1 - v0), hidden[n0:n1], weight[v0:v1])
-            piece = partials[:, k, n0:n1]
-            logits_fold_kernel[(triton.cdiv(n1 - n0, cfg.block_n),)](
-                y, None if bias is None else bias[v0:v1], targets[n0:n1] - v0,
-                *piece[:3], *(piece[3:] if stats else (None, None)),
-                n1 - n0, v1 - v0, y.stride(0), RETURN_STATS=stats, **transform_args(options.transform),
-                **launch_options(cfg, with_block_d=False),
-            )
+            fold_logits(y, None if bias is None else bias[v0:v1], targets[n0:n1] - v0, options, cfg,
+                        out=partials[:, k : k + 1, n0:n1])
     return partials
+
+
+def fold_logits(y, bias, targets, options, config, *, out=None, split_v=None) -> torch.Tensor:
+    """The partials [3 or 5, S, n] fp32 of the raw projection slab ``y`` [n, V] (a contiguous-row view),
+    ``bias`` [V] | None, ``targets`` [n] relative to y's first column: one piece per ``split_v`` columns
+    (default all V), in one launch. ``out``: where to write them (a [:, S, n] view with unit stride in n)."""
+    n, vocab = y.shape
+    split_v = triton.cdiv(split_v or vocab, config.block_v) * config.block_v
+    pieces = triton.cdiv(vocab, split_v)
+    if out is None:
+        out = torch.empty((5 if options.return_stats else 3, pieces, n), dtype=torch.float32, device=y.device)
+    assert out.shape[1] == pieces and out.stride(2) == 1 and (pieces == 1 or out.stride(1) == n)
+    logits_fold_kernel[(triton.cdiv(n, config.block_n), pieces)](
+        y, bias, targets, *out[:3, 0], *(out[3:, 0] if options.return_stats else (None, None)),
+        n, vocab, y.stride(0), split_v, RETURN_STATS=options.return_stats, **transform_args(options.transform),
+        **launch_options(config, with_block_d=False),
+    )
+    return out
 
 
 def gemm_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs, *, slab_bytes=None, config=None):

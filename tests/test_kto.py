@@ -366,27 +366,34 @@ EAGER_CASES = {
 }
 
 
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen_head"])
 @pytest.mark.parametrize("case", EAGER_CASES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_eager_schedule_equals_recompute(case, dtype, frozen, monkeypatch):
+@pytest.mark.parametrize("impl, dtype", [("torch", torch.float64), *((impl, dtype) for impl in IMPLS
+                                                                      for dtype in (torch.float32, torch.bfloat16))],
+                         ids=str)
+def test_eager_schedule_equals_recompute(impl, case, dtype, frozen, monkeypatch):
     """The eager schedule (gradients formed in the forward, three GEMMs) and, for a frozen head, the Jacobian
     built in the forward (two) give the recompute schedule's loss, metrics and gradients; chunks of two whole
     sequences, so several chunks run."""
-    from halo_ops import chunked, fused_kto
+    from halo_ops import eager, fused_kto
 
     hidden, weight, bias, targets, labels, ref_logps = _fused_inputs(5, 9, 8, 53, dtype, bias=True)
-    monkeypatch.setattr(chunked, "EAGER_BYTES", 2 * 9 * 2 * 53 * (8 if dtype == torch.float64 else 4))
-    calls, jacobians = [], []
-    real = chunked.chunked_eager
-    monkeypatch.setattr(chunked, "chunked_eager", lambda *a, **k: calls.append(1) or real(*a, **k))
-    real_jacobian = fused_kto.jacobian_grad
-    monkeypatch.setattr(fused_kto, "jacobian_grad", lambda *a: jacobians.append(1) or real_jacobian(*a))
+    for name in ("EAGER_BYTES", "EAGER_BYTES_CUDA"):
+        monkeypatch.setattr(eager, name, 2 * 9 * eager.eager_row_bytes(impl, 53, dtype))
+    calls = _count_calls(monkeypatch, fused_kto, "eager_forward")
+    jacobians = _count_calls(monkeypatch, fused_kto, "jacobian_grad")
     results = []
     for recompute in (True, False):  # recompute, then eager (trainable) or the Jacobian (frozen)
         leaves = [t.clone().requires_grad_(not (frozen and t is not hidden)) for t in (hidden, weight, bias)]
         out = fused_linear_kto_loss(leaves[0], leaves[1], targets, labels, ref_logps, bias=leaves[2], kl=0.4,
-                                    impl="torch", recompute=recompute, **EAGER_CASES[case])
+                                    impl=impl, recompute=recompute, **EAGER_CASES[case])
         out.loss.backward()
         results.append((out, [t.grad for t in leaves]))
     assert (len(calls), len(jacobians)) == ((0, 1) if frozen else (1, 0)), "each schedule ran once"
@@ -404,20 +411,62 @@ def test_eager_schedule_equals_recompute(case, dtype, frozen, monkeypatch):
             torch.testing.assert_close(got.float(), want.float(), **loose)
 
 
-def test_eager_schedule_falls_back_for_a_long_sequence_and_under_no_grad(monkeypatch):
-    from halo_ops import chunked
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eager_schedule_falls_back_for_a_long_sequence_and_under_no_grad(impl, monkeypatch):
+    from halo_ops import eager, fused_kto
 
     hidden, weight, _, targets, labels, ref_logps = _fused_inputs(2, 9, 8, 53, torch.float32)
-    calls = []
-    real = chunked.chunked_eager
-    monkeypatch.setattr(chunked, "chunked_eager", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_calls(monkeypatch, fused_kto, "eager_forward")
     leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
     with torch.no_grad():
-        fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl="torch")
-    monkeypatch.setattr(chunked, "EAGER_BYTES", 9 * 2 * 53 * 4 - 1)  # one sequence no longer fits
-    out = fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl="torch")
+        fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl=impl)
+    for name in ("EAGER_BYTES", "EAGER_BYTES_CUDA"):
+        monkeypatch.setattr(eager, name, 9 * eager.eager_row_bytes(impl, 53, torch.float32) - 1)
+    out = fused_linear_kto_loss(*leaves, targets, labels, ref_logps, impl=impl)  # one sequence no longer fits
     out.loss.backward()
     assert not calls and leaves[1].grad is not None
+
+
+def test_triton_eager_chunk_stays_within_its_budget(monkeypatch):
+    """The Triton eager schedule's slabs (fp32 logits, bf16 dL/dy) take at most the budget, and every other
+    buffer it allocates is O(N · D), O(V · D) or smaller: no [N, V] allocation."""
+    from halo_ops import eager
+
+    batch, seq, dim, vocab = 6, 9, 8, 301
+    hidden, weight, bias, targets, labels, ref_logps = _fused_inputs(batch, seq, dim, vocab, torch.bfloat16, bias=True)
+    budget = 2 * seq * eager.eager_row_bytes("triton", vocab, torch.bfloat16)  # two sequences per chunk
+    for name in ("EAGER_BYTES", "EAGER_BYTES_CUDA"):
+        monkeypatch.setattr(eager, name, budget)
+    sizes = []
+    for name in ("empty", "zeros", "full"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, **k: (lambda t: sizes.append(
+            t.numel() * t.element_size()) or t)(_real(*a, **k)))
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = fused_linear_kto_loss(leaves[0], leaves[1], targets, labels, ref_logps, bias=leaves[2], impl="triton")
+    out.loss.backward()
+    slabs = sorted(sizes)[-2:]  # the two slabs; below them the fp32 dW [V, D] and dH [N, D]
+    assert sum(slabs) <= budget and set(slabs) == {2 * seq * vocab * 4, 2 * seq * vocab * 2}
+    assert sorted(sizes)[-3] <= vocab * dim * 4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eager_schedule_filters_gradients_as_the_backward_does(impl):
+    """grad_filter_eps is the same function on the eager schedule as on the recompute one."""
+    hidden, weight, bias, targets, labels, ref_logps = _fused_inputs(4, 9, 8, 53, torch.float32, bias=True)
+    grads = []
+    for recompute in (True, None):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        out = fused_linear_kto_loss(leaves[0], leaves[1], targets, labels, ref_logps, bias=leaves[2], kl=0.1,
+                                    impl=impl, recompute=recompute, grad_filter_eps=2e-2)
+        out.loss.backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    unfiltered = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    fused_linear_kto_loss(unfiltered[0], unfiltered[1], targets, labels, ref_logps, bias=unfiltered[2], kl=0.1,
+                          impl=impl).loss.backward()
+    assert (unfiltered[1].grad - grads[1][1]).abs().max() > 1e-4, "the filter changed the gradient"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

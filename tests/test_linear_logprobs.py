@@ -391,7 +391,7 @@ def test_every_schedule_with_a_frozen_head_and_filtering(schedule):
     for eps in (0.0, 1e-3):
         leaf = hidden.clone().requires_grad_()
         out = linear_logprobs(leaf, weight, targets, bias, impl="triton", schedule=schedule, grad_filter_eps=eps,
-                              **transform)
+                              recompute=True, **transform)
         (out * upstream).sum().backward()
         expected_dh = _filtered_reference_grads(hidden, weight, bias, targets, upstream, eps, transform)[0]
         torch.testing.assert_close(leaf.grad.double(), expected_dh, atol=2e-5, rtol=1e-4)
@@ -437,24 +437,34 @@ def test_schedule_errors():
                         deterministic=True)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("option", ["plain", "everything"])
-def test_frozen_head_jacobian_matches_recompute_and_fp64(dtype, option, monkeypatch):
+def test_frozen_head_jacobian_matches_recompute_and_fp64(impl, dtype, option, monkeypatch):
     """The frozen head's Jacobian path (two GEMMs) against the recompute path and fp64 ground truth, with small
-    chunks so that the sweep rescales across many vocabulary chunks and compacts ignored rows."""
+    chunks (PyTorch) or slabs (Triton: 2 vocabulary slices × 4 token chunks) so that the sweep rescales across
+    many pieces of the vocabulary and, on CPU, compacts ignored rows."""
     from halo_ops import chunked
+    from halo_ops.kernels import jacobian, slab_backward
 
     monkeypatch.setattr(chunked, "TOKEN_CHUNK", 16)
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 16 * 32)
+    monkeypatch.setattr(slab_backward, "SLAB_BYTES", 256 * 20 * (4 + (dtype.itemsize if dtype != torch.float32 else 0)))
+    calls = []
+    real = jacobian.jacobian_forward
+    monkeypatch.setattr(jacobian, "jacobian_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     case = Case(dtype=dtype, **SCHEDULE_OPTIONS[option])
     hidden, weight, bias, targets, upstream = case.inputs()
+    hidden, weight, bias, targets, upstream = (None if t is None else t.to(DEVICE)
+                                               for t in (hidden, weight, bias, targets, upstream))
     grads = {}
     for recompute in (True, None):
         leaf = hidden.clone().requires_grad_()
-        out = linear_logprobs(leaf, weight, targets, bias, impl="torch", recompute=recompute, return_stats=True,
+        out = linear_logprobs(leaf, weight, targets, bias, impl=impl, recompute=recompute, return_stats=True,
                               **case.transform)
         (out.logps * upstream).sum().backward()
         grads[recompute] = (out, leaf.grad)
+    assert len(calls) == (impl == "triton"), "the Triton path built the Jacobian once"
     (slow, slow_grad), (fast, fast_grad) = grads[True], grads[None]
     torch.testing.assert_close(fast.logps, slow.logps)
     torch.testing.assert_close(fast.entropy, slow.entropy)
