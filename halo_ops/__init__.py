@@ -7,6 +7,7 @@ Public API (README.md has the details):
     fused_linear_kto_loss(hidden, weight, targets, labels, ref_logps, *, ...)  KTO from hidden states
     FusedLinearKTOLoss(**options)  the nn.Module form
     resolve_impl(impl, device, dtype)  which backend impl="auto" (or a named one) runs here
+    VocabParallel(start, stop, group=None, vocab=None)  a tensor-parallel rank's rows of the head
 
 How a call reaches a kernel (one way down: integrations → halo_ops → kernels):
 
@@ -15,7 +16,8 @@ How a call reaches a kernel (one way down: integrations → halo_ops → kernels
         (resolve_impl) and one TokenOptions (options.py), which travels, encoded as one string,
         through torch.library
       → token_op: the custom op halo_ops::token_logprobs and its registered autograd;
-        forward_tokens runs chunked.chunked_forward or kernels.linear_logprobs_forward, each
+        forward_tokens runs chunked.chunked_forward or kernels.linear_logprobs_forward (with a
+        frozen head, kernels.jacobian_forward, which also builds d logp / d hidden), each
         returning per-piece partials that partials.merge_partials turns into log-probs, the
         logsumexp and the statistics
       ← backward: token_op.projection_grads → halo_ops::token_logprobs_backward → backward_tokens
@@ -24,7 +26,9 @@ How a call reaches a kernel (one way down: integrations → halo_ops → kernels
     fused_linear_kto_loss (fused_kto.py): the same inputs step, then the custom op
       halo_ops::fused_linear_kto: token_op.forward_tokens, a per-sequence sum, and the KTO terms
       (losses/kto.kto_terms, or kernels.kto_sequence_terms on the Triton path); its backward is
-      token_op.projection_grads with the per-sequence coefficients.
+      token_op.projection_grads with the per-sequence coefficients. When a backward will follow,
+      eager.eager_forward (chunked.chunked_eager or kernels.eager_gradients) forms the gradients
+      in the forward instead, chunk by chunk of whole sequences, and the backward only scales them.
 
 Where each formula lives: the logit transform in transform.py (PyTorch) and kernels/transform.py
 (Triton); the logsumexp/entropy merge in partials.py (the Triton forward folds its tiles with the
@@ -38,11 +42,13 @@ from .inputs import resolve_impl
 from .linear_logprobs import LinearLogProbs, linear_logprobs
 from .losses.kto import KTOOutput, kto_kl, kto_loss
 from .reference import linear_logprobs_reference
+from .vocab_parallel import VocabParallel
 
 __all__ = [
     "FusedLinearKTOLoss",
     "KTOOutput",
     "LinearLogProbs",
+    "VocabParallel",
     "fused_linear_kto_loss",
     "kto_kl",
     "kto_loss",

@@ -20,6 +20,7 @@ import torch
 
 from . import partials as P
 from .options import TokenOptions, accumulation_dtype
+from .partials import merge_partials
 from .transform import LogitTransform
 
 # Logits per tile: a tile and its temporaries are a few times 4 · TILE_ELEMENTS bytes (16 MiB tiles, within a
@@ -52,6 +53,37 @@ def _project(h_c: torch.Tensor, w_c: torch.Tensor, b_c: torch.Tensor | None, tra
     return transform.apply_(z), w_c
 
 
+def _fold_tile(z, local_targets, piece, stats: bool, *, separate_exp: bool, sum_logits: bool):
+    """Fold a tile of transformed logits z [n, v] into its rows' partials ``piece`` [3 or 5, n] (``halo_ops.partials``;
+    ``local_targets`` relative to the tile's first column). Leaves z − m in ``z`` and returns e = exp(z − m): a new
+    tensor with ``separate_exp``, else ``z`` itself, overwritten."""
+    width = z.shape[1]
+    in_tile = (local_targets >= 0) & (local_targets < width)
+    picked = z.gather(1, local_targets.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
+    piece[P.TARGET_LOGIT] = torch.where(in_tile, picked, 0.0)
+    if sum_logits:
+        piece[P.LOGIT_SUM] = z.sum(1)
+    m = z.amax(1)
+    piece[P.MAX] = m
+    centered = z.sub_(m.unsqueeze(1))
+    e = torch.exp(centered) if separate_exp else centered.exp_()
+    if stats:
+        piece[P.CENTERED_SUM] = torch.einsum("nv,nv->n", e, centered)
+    piece[P.SUM_EXP] = e.sum(1)
+    return e
+
+
+def _linear_logit_sum(weight, bias, transform: LogitTransform, acc):
+    """Without softcap z is linear in y, so Σ_v z_v = scale · (h · Σ_v W_v + Σ_v b_v): O(D) per token, not O(V).
+    Returns that map h [n, D] → [n] in ``acc``, or None with softcap."""
+    if transform.softcap is not None:
+        return None
+    scale = transform.logit_scale / transform.temperature
+    weight_sum = weight.to(acc).sum(0) * scale
+    bias_sum = 0.0 if bias is None else bias.to(acc).sum() * scale  # a tensor: no host sync
+    return lambda h: h @ weight_sum + bias_sum
+
+
 def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
     """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 → partials [3 or 5, K, N], and with
     ``options.save_jacobian`` the Jacobian J [N, D] of each token's log-prob with respect to its hidden state
@@ -72,12 +104,8 @@ def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
     h_all, t_all = (hidden, targets) if rows is None else (hidden[rows], targets[rows])
     jacobian = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if options.save_jacobian else None
     softcap = transform.softcap is not None
-    # Without softcap z is linear in y, so Σ_v z_v = scale · (h · Σ_v W_v + Σ_v b_v): O(D) per token, not O(V)
-    linear_sum = stats and not softcap
-    if linear_sum:
-        scale = transform.logit_scale / transform.temperature
-        weight_sum = weight.to(acc).sum(0) * scale
-        bias_sum = 0.0 if bias is None else bias.to(acc).sum() * scale  # a tensor: no host sync
+    logit_sum = _linear_logit_sum(weight, bias, transform, acc) if stats else None
+    linear_sum = logit_sum is not None
 
     for t0 in range(0, h_all.shape[0], TOKEN_CHUNK):
         h_c = h_all[t0 : t0 + TOKEN_CHUNK].to(acc)
@@ -90,21 +118,8 @@ def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
             v1 = min(v0 + vocab_chunk, vocab)
             z, w_c = _project(h_c, weight[v0:v1], None if bias is None else bias[v0:v1], transform)
             slope = transform.grad_from_logits_(torch.ones_like(z), z) if jacobian is not None and softcap else None
-            local = t_c - v0
-            in_tile = (local >= 0) & (local < v1 - v0)
-            picked = z.gather(1, local.clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
-            chunk[P.TARGET_LOGIT, k] = torch.where(in_tile, picked, 0.0)
-            if stats and not linear_sum:
-                chunk[P.LOGIT_SUM, k] = z.sum(1)
-            m = z.amax(1)
-            chunk[P.MAX, k] = m
-            centered = z.sub_(m.unsqueeze(1))  # z − m, in place
-            if stats:
-                e = torch.exp(centered)
-                chunk[P.CENTERED_SUM, k] = torch.einsum("nv,nv->n", e, centered)
-            else:
-                e = centered.exp_()
-            chunk[P.SUM_EXP, k] = e.sum(1)
+            e = _fold_tile(z, t_c - v0, chunk[:, k], stats, separate_exp=stats, sum_logits=stats and not linear_sum)
+            m = chunk[P.MAX, k]
             if jacobian is not None:  # Σ exp(z − M) · dz/dy · W over the chunks so far, M the running max
                 new_max = torch.maximum(running_max, m)
                 expected_w.mul_(torch.exp(running_max - new_max).unsqueeze(1))
@@ -113,7 +128,7 @@ def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
                 running_max = new_max
         if linear_sum:  # the whole row's sum, in the first chunk's piece
             chunk[P.LOGIT_SUM] = 0.0
-            chunk[P.LOGIT_SUM, 0] = h_c @ weight_sum + bias_sum
+            chunk[P.LOGIT_SUM, 0] = logit_sum(h_c)
         out = slice(t0, t0 + h_c.shape[0]) if rows is None else rows[t0 : t0 + h_c.shape[0]]
         partials[:, :, out] = chunk
         if jacobian is not None:
@@ -206,10 +221,13 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
 
     For a loss whose coefficient dloss/dlogp_t for a sequence's tokens depends on that sequence alone (given
     constants such as the batch size), ``token_coefficients(logps [b, T], first_sequence) -> [b, T]`` gives
-    them for a chunk of ``per_chunk`` whole sequences from its per-token log-probs (``halo_ops.eager``). Each
-    chunk's logits ``[rows, V]`` and its softmax are built once, then ``dL/dy = g · (onehot − p) · dz/dy``,
-    ``dH = dL/dy · W`` and ``dW += dL/dyᵀ · H`` (with ``options.grad_filter_eps``, p below it counts as 0).
-    Rows with an ignored target are left out on CPU.
+    them for a chunk of ``per_chunk`` whole sequences from its per-token log-probs (``halo_ops.eager``). The
+    chunk's logits are built once, in the forward's tiles, and kept in one buffer ``[rows, V]``: as
+    e = exp(z − m_tile) without softcap (then p = e · exp(m_tile − lse), a product where a recompute takes an exp),
+    as z − m_tile with it. Once the chunk's coefficients g are known, each tile, still cache-sized, gives
+    ``dL/dy = g · (onehot − p) · dz/dy`` (with ``options.grad_filter_eps``, p below it counts as 0),
+    ``dH += dL/dy · W_tile`` and ``dW_tile += dL/dyᵀ · H``. Rows with an ignored target are left out on CPU,
+    and so are token blocks whose coefficients are all 0.
 
     Returns (logps, lse, entropy, mean_logit) [N] as ``forward_tokens`` does, and the gradients (dH [N, D],
     dW [V, D], db [V]) in the accumulation dtype, None where ``needs`` says no.
@@ -217,7 +235,8 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
-    transform, stats = options.transform, options.return_stats
+    transform, stats, eps = options.transform, options.return_stats, options.grad_filter_eps
+    keep_exp = transform.softcap is None  # with softcap dz/dy needs z, so the buffer keeps z − m instead of e
     new = {"dtype": acc, "device": hidden.device}
     logps, lse = torch.zeros(n_tokens, **new), torch.full((n_tokens,), float("inf"), **new)
     entropy = torch.zeros(n_tokens, **new) if stats else None
@@ -226,43 +245,69 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
     grad_w = torch.zeros((vocab, dim), **new) if needs[1] else None
     grad_b = torch.zeros(vocab, **new) if needs[2] and bias is not None else None
     w, b = weight.to(acc), None if bias is None else bias.to(acc)
+    vocab_chunk = _vocab_chunk(vocab)
+    tiles = [(v0, min(v0 + vocab_chunk, vocab)) for v0 in range(0, vocab, vocab_chunk)]
+    store = torch.empty(min(per_chunk * seq, n_tokens) * vocab, **new)
+    logit_sum = _linear_logit_sum(weight, bias, transform, acc) if stats else None
     for s0 in range(0, n_tokens // max(seq, 1), per_chunk):
         r0, r1 = s0 * seq, min((s0 + per_chunk) * seq, n_tokens)
         t_all = targets[r0:r1]
         rows = _active_rows(t_all != options.ignore_index)
         local = torch.arange(r1 - r0, device=hidden.device) if rows is None else rows
         h_c, t_c = hidden[r0:r1][local].to(acc), t_all[local]
-        z = transform.apply_(torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t())  # GEMM 1
-        row_max = z.amax(1, keepdim=True)
-        p = torch.sub(z, row_max).exp_()
-        sum_exp = p.sum(1)
-        lse_c = row_max.squeeze(1) + torch.log(sum_exp)
-        p.div_(sum_exp.unsqueeze(1))
+        n_c = h_c.shape[0]
+        blocks = [(t0, min(t0 + TOKEN_CHUNK, n_c)) for t0 in range(0, n_c, TOKEN_CHUNK)]
+        views, offset = {}, 0
+        for (t0, t1), (v0, v1) in ((blk, tile) for blk in blocks for tile in tiles):
+            views[t0, v0] = store[offset : offset + (t1 - t0) * (v1 - v0)].view(t1 - t0, v1 - v0)
+            offset += (t1 - t0) * (v1 - v0)
+        partials = P.empty_partials(len(tiles), n_c, stats, acc, hidden.device)
+        for (t0, t1), (k, (v0, v1)) in ((blk, tile) for blk in blocks for tile in enumerate(tiles)):  # the forward
+            z = views[t0, v0]
+            if b is not None:
+                torch.addmm(b[v0:v1], h_c[t0:t1], w[v0:v1].t(), out=z)  # GEMM 1
+            else:
+                torch.mm(h_c[t0:t1], w[v0:v1].t(), out=z)
+            e = _fold_tile(transform.apply_(z), t_c[t0:t1] - v0, partials[:, k, t0:t1], stats,
+                           separate_exp=stats or not keep_exp, sum_logits=stats and logit_sum is None)
+            if keep_exp and e is not z:
+                z.copy_(e)
+        if stats and logit_sum is not None:  # the whole row's sum, in the first tile's piece
+            partials[P.LOGIT_SUM] = 0.0
+            partials[P.LOGIT_SUM, 0] = logit_sum(h_c)
         valid = t_c != options.ignore_index
-        target = t_c.clamp(0, vocab - 1)
-        logps_c = torch.where(valid, z.gather(1, target.unsqueeze(1)).squeeze(1) - lse_c, 0.0)
+        logps_c, lse_c, entropy_c, mean_logit_c = merge_partials(partials, valid, vocab)
         chunk_logps = torch.zeros(r1 - r0, **new).index_copy_(0, local, logps_c)
         g = token_coefficients(chunk_logps.view(-1, seq), s0).reshape(-1)[local].to(acc)
         g = torch.where(valid, g, 0.0)
         out = local + r0
-        logps[out], lse[out] = logps_c, torch.where(valid, lse_c, float("inf"))
+        logps[out], lse[out] = logps_c, lse_c
         if stats:
-            entropy[out] = torch.where(valid, lse_c - torch.einsum("nv,nv->n", p, z), 0.0)
-            mean_logit[out] = torch.where(valid, z.sum(1) / vocab, 0.0)
-        carrying = _active_rows(g != 0)  # rows of saturated or skipped sequences add nothing (CPU only)
-        if carrying is not None:
-            p, z, g, target, h_c, out = p[carrying], z[carrying], g[carrying], target[carrying], h_c[carrying], \
-                out[carrying]
-        if options.grad_filter_eps > 0:  # the backward's gradient filtering, as in chunked_backward
-            p.masked_fill_(p < options.grad_filter_eps, 0.0)
-        dz = p.mul_(-g.unsqueeze(1))
-        dz.index_put_((torch.arange(len(g), device=hidden.device), target), g, accumulate=True)
-        dy = transform.grad_from_logits_(dz, z)
-        del z
-        if grad_h is not None:
-            grad_h[out] = dy @ w  # GEMM 2
-        if grad_w is not None:
-            grad_w.addmm_(dy.t(), h_c)  # GEMM 3
-        if grad_b is not None:
-            grad_b += dy.sum(0)
+            entropy[out], mean_logit[out] = entropy_c, mean_logit_c
+        for t0, t1 in blocks:  # the gradients, from the kept tiles
+            g_b = g[t0:t1]
+            if g_b.device.type == "cpu" and not bool(g_b.any()):
+                continue  # prompts, padding, saturated sequences: nothing to add
+            h_b, gh_b = h_c[t0:t1], torch.zeros((t1 - t0, dim), **new) if grad_h is not None else None
+            arange = torch.arange(t1 - t0, device=hidden.device)
+            for k, (v0, v1) in enumerate(tiles):
+                kept, shift = views[t0, v0], (lse_c[t0:t1] - partials[P.MAX, k, t0:t1]).unsqueeze(1)
+                # p = exp(z − lse) = e · exp(m − lse), in place in the kept tile; with softcap from z − m
+                p = kept.mul_(torch.exp(-shift)) if keep_exp else torch.exp(kept - shift)
+                if eps > 0:
+                    p.masked_fill_(p < eps, 0.0)
+                dz = p.mul_(-g_b.unsqueeze(1))
+                target = t_c[t0:t1] - v0
+                hit = ((target >= 0) & (target < v1 - v0)).nonzero().squeeze(1)
+                dz.index_put_((arange[hit], target[hit]), g_b[hit], accumulate=True)
+                z = None if keep_exp else kept.add_(partials[P.MAX, k, t0:t1].unsqueeze(1))
+                dy = transform.grad_from_logits_(dz, z)
+                if gh_b is not None:
+                    gh_b.addmm_(dy, w[v0:v1])  # GEMM 2
+                if grad_w is not None:
+                    grad_w[v0:v1].addmm_(dy.t(), h_b)  # GEMM 3
+                if grad_b is not None:
+                    grad_b[v0:v1] += dy.sum(0)
+            if gh_b is not None:
+                grad_h[out[t0:t1]] = gh_b
     return (logps, lse, entropy, mean_logit), (grad_h, grad_w, grad_b)

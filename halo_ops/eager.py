@@ -16,8 +16,8 @@ import torch
 from .options import TokenOptions, accumulation_dtype
 from .partials import merge_partials
 
-# Bytes of one chunk's logits (and, on the PyTorch path, its softmax; on the Triton path, half-precision
-# dL/dy). On CPU 256 MiB is what the measured results used (bench/NOTES.md item 20). On a GPU 1 GiB holds two
+# Bytes of one chunk's kept logits (on the Triton path with half-precision dL/dy beside them): 256 MiB on CPU
+# (bench/NOTES.md items 20 and 23). On a GPU 1 GiB holds two
 # sequences of 512 tokens at V = 128256 in bf16 (rows · V · 6 bytes), beside the fp32 dH and dW kept anyway.
 EAGER_BYTES = 1 << 28
 EAGER_BYTES_CUDA = 1 << 30
@@ -28,9 +28,9 @@ def eager_budget(device: torch.device) -> int:
 
 
 def eager_row_bytes(impl: str, vocab: int, dtype: torch.dtype) -> int:
-    """Bytes per token of a chunk: logits and softmax (PyTorch path), or the Triton path's slabs."""
+    """Bytes per token of a chunk: its kept logits (PyTorch path), or the Triton path's slabs."""
     if impl == "torch":
-        return 2 * vocab * accumulation_dtype(dtype).itemsize
+        return vocab * accumulation_dtype(dtype).itemsize
     from .kernels.eager import eager_row_bytes as triton_row_bytes
 
     return triton_row_bytes(vocab, dtype)

@@ -33,6 +33,7 @@ from .eager import eager_forward, eager_sequences_per_chunk
 from .options import accumulation_dtype
 from .token_op import forward_tokens, jacobian_grad, projection_grads
 from .validation import check_sequence_tensor
+from .vocab_parallel import vocab_parallel_logprobs
 
 
 @opts.register
@@ -90,6 +91,24 @@ def _eager_forward(token, kto: KTOOptions, hidden, weight, bias, targets, ref_lo
         return _token_coefficients(coeff, counts[rows], batch, kto)
 
     return eager_forward(hidden, weight, bias, targets, token, kto.seq, token_coefficients, kto.eager)
+
+
+def _composed_kto(token_logps, entropy, mean_logit, valid, labels, ref_logps, z0, weights, average) -> KTOOutput:
+    """The fused op's outputs composed in PyTorch autograd from per-token log-probs ``[B, T]`` (differentiable)
+    and their statistics (None without token metrics): the vocabulary-parallel path."""
+    batch = token_logps.shape[0]
+    counts = valid.sum(-1).to(token_logps.dtype)
+    total = token_logps.sum(-1)
+    policy_logps = total / counts.clamp(min=1) if average else total
+    losses, _, rewards = kto_terms(policy_logps, ref_logps.to(token_logps.dtype), labels, z0.to(token_logps.dtype),
+                                   *weights)
+    token_stats = ()
+    if entropy is not None:
+        token_stats = (mean_logit.view(batch, -1).sum(-1), counts, entropy.view(batch, -1).sum(-1))
+    sums = metric_sums(losses, policy_logps, rewards, labels, *token_stats)
+    return KTOOutput(loss=losses.sum() / max(batch, 1), losses=losses.detach(), kl=z0,
+                     policy_logps=policy_logps.detach(), rewards=rewards.detach(), labels=labels,
+                     metrics=metrics_from_sums(sums, z0, with_token_stats=bool(token_stats)))
 
 
 @torch.library.custom_op("halo_ops::fused_linear_kto", mutates_args=())
@@ -194,6 +213,7 @@ def fused_linear_kto_loss(
     deterministic: bool = False,
     grad_filter_eps: float = 0.0,
     schedule: str = "auto",
+    vocab_parallel=None,
 ) -> KTOOutput:
     """The KTO loss of TRL's KTOTrainer from the policy's last hidden states, never building the logits.
 
@@ -208,7 +228,10 @@ def fused_linear_kto_loss(
         kl: the reference point z0 from :func:`halo_ops.kto_kl`, or None for 0.
         beta, desirable_weight, undesirable_weight, loss_type: as TRL's ``KTOConfig``.
         logit_scale, softcap, temperature, ignore_index, impl, check_targets, check_finite,
-            deterministic, grad_filter_eps, schedule: as :func:`halo_ops.linear_logprobs`.
+            deterministic, grad_filter_eps, schedule, vocab_parallel: as :func:`halo_ops.linear_logprobs`.
+            With a vocabulary-parallel head (``vocab_parallel``, or a DTensor weight) the loss is composed
+            from the vocabulary-parallel log-probs and :func:`halo_ops.losses.kto.kto_terms` in PyTorch
+            autograd (the recompute schedule; ``saturation_threshold`` must be 0).
         average_log_prob: the per-sequence log-prob is the mean over its scored tokens instead of
             the sum (TRL's default is the sum).
         recompute: the gradients' schedule. ``True``: the forward keeps only the logsumexp and the backward
@@ -240,14 +263,22 @@ def fused_linear_kto_loss(
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, D], got {tuple(getattr(hidden, 'shape', ()))}")
     batch, seq = hidden.shape[:2]
-    hidden2d, weight, bias, flat_targets, token_options = prepare_linear_inputs(
+    hidden2d, weight, bias, flat_targets, token_options, sharding = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, impl=impl, return_stats=bool(token_metrics), check_targets=check_targets,
         check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps,
-        schedule=schedule)
+        schedule=schedule, vocab_parallel=vocab_parallel)
     labels = as_bool_labels(labels, batch, hidden.device)
     check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)
     z0 = reference_point(kl, loss_type, ref_logps.to(accumulation_dtype(hidden2d.dtype)))
+    if sharding is not None:
+        if saturation_threshold > 0:
+            raise ValueError("saturation_threshold is not supported with a vocabulary-parallel head; leave it at 0")
+        token_logps, entropy, mean_logit = vocab_parallel_logprobs(hidden2d, weight, bias, flat_targets,
+                                                                   token_options, *sharding)
+        weights = (float(beta), float(desirable_weight), float(undesirable_weight))
+        return _composed_kto(token_logps.view(batch, seq), entropy, mean_logit, flat_targets.view(batch, seq) !=
+                             ignore_index, labels, ref_logps.detach(), z0, weights, bool(average_log_prob))
     token_options = with_frozen_head_jacobian(token_options, hidden2d, weight, bias, recompute)
     needs = tuple(x is not None and x.requires_grad for x in (hidden2d, weight, bias))
     eager = (torch.is_grad_enabled() and any(needs) and recompute is not True and not token_options.save_jacobian

@@ -81,15 +81,15 @@ def resolve_schedule(schedule: str, *, impl: str, deterministic: bool, grad_filt
     return "slab"
 
 
-def with_frozen_head_jacobian(options: TokenOptions, hidden, weight, bias, recompute) -> TokenOptions:
+def with_frozen_head_jacobian(options: TokenOptions, hidden, weight, bias, recompute, sharded=False) -> TokenOptions:
     """``options`` with ``save_jacobian`` where it pays: a backward will follow for ``hidden`` alone (the head
-    is frozen, as under LoRA), no gradient filtering (which needs the final softmax) and ``recompute`` is
-    not True. The forward then builds d logp / d hidden in its sweep (two GEMMs in all, the fp32 Jacobian
-    [N, D] kept; ``chunked.chunked_forward``, ``kernels.jacobian``) instead of the backward recomputing the
-    logits (three)."""
+    is frozen, as under LoRA), no gradient filtering (which needs the final softmax), no vocabulary sharding
+    (``sharded``: it needs the global softmax too) and ``recompute`` is not True. The forward then builds
+    d logp / d hidden in its sweep (two GEMMs in all, the fp32 Jacobian [N, D] kept; ``chunked.chunked_forward``,
+    ``kernels.jacobian``) instead of the backward recomputing the logits (three)."""
     frozen = not weight.requires_grad and not (bias is not None and bias.requires_grad)
     wanted = (torch.is_grad_enabled() and hidden.requires_grad and frozen and recompute is not True
-              and options.grad_filter_eps == 0)
+              and options.grad_filter_eps == 0 and not sharded)
     return dataclasses.replace(options, save_jacobian=True) if wanted else options
 
 
@@ -102,16 +102,38 @@ def _autocast(tensor: torch.Tensor | None, device_type: str) -> torch.Tensor | N
 
 def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_scale, softcap, temperature, impl,
                           return_stats, check_targets, check_finite, deterministic, grad_filter_eps,
-                          schedule="auto"):
+                          schedule="auto", vocab_parallel=None):
     """Autocast, validation and backend choice shared by the public ops.
 
-    Returns (hidden [N, D], weight, bias, targets [N] int64 contiguous, TokenOptions).
+    A head that is a DTensor (tensor parallelism) or comes with ``vocab_parallel`` is one rank's shard.
+    Returns (hidden [N, D], weight, bias, targets [N] int64 contiguous, TokenOptions, sharding), the last a
+    ``(VocabParallel, full vocabulary size or None)`` pair for a shard, else None; the size is known (or summed
+    over the group) where ``check_targets`` or ``return_stats`` needs it.
     """
+    from .vocab_parallel import VocabParallel, from_dtensor_head, global_vocab, is_dtensor
+
+    if is_dtensor(weight):
+        if vocab_parallel is not None:
+            raise ValueError("vocab_parallel is read from a DTensor head's placement: pass one or the other")
+        weight, bias, vocab_parallel = from_dtensor_head(weight, bias)
+    elif is_dtensor(bias):
+        raise ValueError("the bias is a DTensor but the weight is not: pass both as DTensors or both local")
+    if vocab_parallel is not None:
+        if not isinstance(vocab_parallel, VocabParallel):
+            raise TypeError(f"vocab_parallel must be a halo_ops.VocabParallel, got {type(vocab_parallel).__name__}")
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and \
+                weight.shape[0] != vocab_parallel.stop - vocab_parallel.start:
+            raise ValueError(f"vocab_parallel holds rows [{vocab_parallel.start}, {vocab_parallel.stop}) but this "
+                             f"rank's weight has {weight.shape[0]} rows")
     transform = LogitTransform(logit_scale, softcap, temperature)
     device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
     hidden, weight, bias = (_autocast(x, device_type) for x in (hidden, weight, bias))
-    check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
-                        check_targets=check_targets, check_finite=check_finite)
+    sharding = None
+    if vocab_parallel is not None:
+        needs_vocab = (check_targets or return_stats) and not torch.compiler.is_compiling()
+        sharding = (vocab_parallel, global_vocab(vocab_parallel, weight.device) if needs_vocab else None)
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, check_targets=check_targets,
+                        check_finite=check_finite, target_range=None if sharding is None else sharding[1])
     if not (isinstance(grad_filter_eps, (int, float)) and 0 <= grad_filter_eps < float("inf")):
         raise ValueError(f"grad_filter_eps must be a finite number >= 0, got {grad_filter_eps!r}")
     impl = resolve_impl(impl, hidden.device, hidden.dtype)
@@ -120,4 +142,4 @@ def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_
     options = TokenOptions(impl=impl, transform=transform, ignore_index=int(ignore_index),
                            return_stats=bool(return_stats), schedule=schedule, grad_filter_eps=float(grad_filter_eps))
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
-    return hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, options
+    return hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, options, sharding

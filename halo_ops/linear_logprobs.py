@@ -9,6 +9,7 @@ import torch
 from .inputs import prepare_linear_inputs, with_frozen_head_jacobian
 from .reduction import check_reduction, reduce_last_dim
 from .token_op import token_logprobs
+from .vocab_parallel import VocabParallel, vocab_parallel_logprobs
 
 
 class LinearLogProbs(NamedTuple):
@@ -38,6 +39,7 @@ def linear_logprobs(
     grad_filter_eps: float = 0.0,
     schedule: str = "auto",
     recompute: bool | None = None,
+    vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | LinearLogProbs:
     """Log-probabilities of ``targets`` under a linear LM head, never building the ``[N, V]`` logits.
 
@@ -82,19 +84,28 @@ def linear_logprobs(
             the Triton path over cuBLAS slabs, ``kernels/jacobian.py``, whatever ``schedule`` says) and the
             backward only scales it: two GEMMs in all instead of three, and an fp32 [N, D] kept
             (bench/NOTES.md).
+        vocab_parallel: a :class:`halo_ops.VocabParallel`: ``weight`` (and ``bias``) are this rank's rows
+            ``[start, stop)`` of a head split over the vocabulary across a process group; ``hidden`` and
+            ``targets`` (global ids) are the full ones on every rank. Every rank returns every log-prob; dW
+            and db are the shard's, dH is summed over the group (``halo_ops/vocab_parallel.py`` gives the
+            communication). A weight that is a DTensor sharded on dim 0 over a 1-D mesh (``ColwiseParallel``)
+            is taken as such with no argument. The recompute schedule runs (no Jacobian).
 
     Returns float32 log-probs (float64 for float64 inputs), differentiable with respect to hidden,
     weight and bias; gradients come back in the inputs' dtypes. Under ``torch.autocast`` the
     projection runs in the autocast dtype.
     """
     check_reduction(reduction)
-    hidden2d, weight, bias, flat_targets, options = prepare_linear_inputs(
+    hidden2d, weight, bias, flat_targets, options, sharding = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, impl=impl, return_stats=return_stats, check_targets=check_targets,
         check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps,
-        schedule=schedule)
-    options = with_frozen_head_jacobian(options, hidden2d, weight, bias, recompute)
-    logps, entropy, mean_logit = token_logprobs(hidden2d, weight, bias, flat_targets, options)
+        schedule=schedule, vocab_parallel=vocab_parallel)
+    if sharding is not None:
+        logps, entropy, mean_logit = vocab_parallel_logprobs(hidden2d, weight, bias, flat_targets, options, *sharding)
+    else:
+        options = with_frozen_head_jacobian(options, hidden2d, weight, bias, recompute)
+        logps, entropy, mean_logit = token_logprobs(hidden2d, weight, bias, flat_targets, options)
     valid = targets != ignore_index
     logps = reduce_last_dim(logps.view(targets.shape), valid, reduction)
     if not return_stats:

@@ -35,17 +35,30 @@ def empty_partials(pieces: int, n_tokens: int, return_stats: bool, dtype, device
     return partials
 
 
-def merge_partials(partials: torch.Tensor, valid: torch.Tensor, vocab: int):
-    """``partials [3 or 5, K, N]`` → (logps, lse, entropy, mean_logit), each [N]; the stats are None without them."""
+def combine_pieces(partials: torch.Tensor) -> torch.Tensor:
+    """``partials [3 or 5, K, N]`` → the same rows' partials over all K pieces as one piece, ``[3 or 5, 1, N]``
+    (relative to M = max_k m_k). A tensor-parallel rank sends this, and the ranks' pieces merge again."""
     piece_max = partials[MAX]
     row_max = piece_max.amax(0)
-    scale = torch.exp(piece_max - row_max)  # [K, N]; NaN only on rows no piece visited, masked below
-    sum_exp = (partials[SUM_EXP] * scale).sum(0)
-    lse = row_max + torch.log(sum_exp)
-    logps = torch.where(valid, partials[TARGET_LOGIT].sum(0) - lse, 0.0)
+    shift = piece_max - torch.where(row_max == float("-inf"), 0.0, row_max)  # −inf on pieces never visited
+    scale = torch.exp(shift)  # [K, N], 0 where a piece was never visited
+    pieces = [row_max, (partials[SUM_EXP] * scale).sum(0), partials[TARGET_LOGIT].sum(0)]
+    if partials.shape[0] == 5:
+        moved = torch.where(partials[SUM_EXP] > 0, partials[SUM_EXP] * shift, 0.0)  # s_k (m_k − M), 0 when s_k = 0
+        pieces += [(scale * (partials[CENTERED_SUM] + moved)).sum(0), partials[LOGIT_SUM].sum(0)]
+    return torch.stack(pieces).unsqueeze(1)
+
+
+def merge_partials(partials: torch.Tensor, valid: torch.Tensor, vocab):
+    """``partials [3 or 5, K, N]`` → (logps, lse, entropy, mean_logit), each [N]; the stats are None without them.
+
+    ``vocab``: the vocabulary size the mean logit divides by (an int, or a 0-d tensor)."""
+    merged = combine_pieces(partials)[:, 0]
+    sum_exp = merged[SUM_EXP]
+    lse = merged[MAX] + torch.log(sum_exp)  # NaN or −inf only on rows no piece visited, masked below
+    logps = torch.where(valid, merged[TARGET_LOGIT] - lse, 0.0)
     entropy = mean_logit = None
     if partials.shape[0] == 5:
-        centered = (scale * (partials[CENTERED_SUM] + partials[SUM_EXP] * (piece_max - row_max))).sum(0)
-        entropy = torch.where(valid, torch.log(sum_exp) - centered / sum_exp, 0.0)
-        mean_logit = torch.where(valid, partials[LOGIT_SUM].sum(0) / vocab, 0.0)
+        entropy = torch.where(valid, torch.log(sum_exp) - merged[CENTERED_SUM] / sum_exp, 0.0)
+        mean_logit = torch.where(valid, merged[LOGIT_SUM] / vocab, 0.0)
     return logps, torch.where(valid, lse, float("inf")), entropy, mean_logit

@@ -34,16 +34,10 @@ def weight_slice_rows(vocab: int, dim: int, weight_dtype: torch.dtype) -> int:
     return min(vocab, max(256, ACCUMULATOR_BYTES // (4 * dim) // 256 * 256))
 
 
-def forward_tokens(options: TokenOptions, hidden, weight, bias, targets):
-    """(logps, lse, entropy, mean_logit, jacobian): each but the last [N] in the accumulation dtype, the
-    stats None without ``options.return_stats``; the Jacobian d logp_t / d h_t [N, D] with
-    ``options.save_jacobian``, else None. Autocast is off inside; N = 0 is handled."""
-    acc = accumulation_dtype(hidden.dtype)
-    jacobian = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if options.save_jacobian else None
-    if hidden.shape[0] == 0:
-        empty = hidden.new_zeros(0, dtype=acc)
-        stat = empty.clone() if options.return_stats else None
-        return empty, empty.clone(), stat, None if stat is None else stat.clone(), jacobian
+def token_partials(options: TokenOptions, hidden, weight, bias, targets):
+    """The backend's per-piece partials [3 or 5, K, N] (``halo_ops.partials``) in the accumulation dtype, and the
+    Jacobian d logp_t / d h_t [N, D] with ``options.save_jacobian``, else None. Autocast is off inside; N > 0."""
+    jacobian = None
     with torch.autocast(hidden.device.type, enabled=False):
         if options.impl == "torch":
             from .chunked import chunked_forward
@@ -57,7 +51,21 @@ def forward_tokens(options: TokenOptions, hidden, weight, bias, targets):
             from .kernels import linear_logprobs_forward
 
             partials = linear_logprobs_forward(hidden, weight, bias, targets, options)
-    return (*merge_partials(partials.to(acc), targets != options.ignore_index, weight.shape[0]), jacobian)
+    return partials.to(accumulation_dtype(hidden.dtype)), jacobian
+
+
+def forward_tokens(options: TokenOptions, hidden, weight, bias, targets):
+    """(logps, lse, entropy, mean_logit, jacobian): each but the last [N] in the accumulation dtype, the
+    stats None without ``options.return_stats``; the Jacobian d logp_t / d h_t [N, D] with
+    ``options.save_jacobian``, else None. Autocast is off inside; N = 0 is handled."""
+    acc = accumulation_dtype(hidden.dtype)
+    if hidden.shape[0] == 0:
+        jacobian = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if options.save_jacobian else None
+        empty = hidden.new_zeros(0, dtype=acc)
+        stat = empty.clone() if options.return_stats else None
+        return empty, empty.clone(), stat, None if stat is None else stat.clone(), jacobian
+    partials, jacobian = token_partials(options, hidden, weight, bias, targets)
+    return (*merge_partials(partials, targets != options.ignore_index, weight.shape[0]), jacobian)
 
 
 def jacobian_grad(jacobian, targets, grad_logps, ignore_index: int):
@@ -66,8 +74,9 @@ def jacobian_grad(jacobian, targets, grad_logps, ignore_index: int):
     return grad.unsqueeze(1) * jacobian
 
 
-def backward_tokens(options: TokenOptions, hidden, weight, bias, targets, lse, grad_logps, needs):
-    """Gradients of Σ_t grad_logps[t] · logp[t] for (hidden, weight, bias) in their dtypes; None where not needed.
+def backward_accumulators(options: TokenOptions, hidden, weight, bias, targets, lse, grad_logps, needs):
+    """Gradients of Σ_t grad_logps[t] · logp[t] for (hidden, weight, bias) as the backend leaves them (fp32, or fp64
+    for fp64 inputs; dW already in its dtype when built in slices); None where not needed.
 
     ``grad_logps`` [N] may be None (no gradient: zeros); it is zeroed at ignored targets here.
     """
@@ -83,7 +92,12 @@ def backward_tokens(options: TokenOptions, hidden, weight, bias, targets, lse, g
             from .chunked import chunked_backward as backend
         else:
             from .kernels import linear_logprobs_backward as backend
-        grads = backend(hidden, weight, bias, targets, lse, grad_logps, options, needs, slice_rows=slice_rows)
+        return backend(hidden, weight, bias, targets, lse, grad_logps, options, needs, slice_rows=slice_rows)
+
+
+def backward_tokens(options: TokenOptions, hidden, weight, bias, targets, lse, grad_logps, needs):
+    """``backward_accumulators``' gradients in the inputs' dtypes; None where not needed."""
+    grads = backward_accumulators(options, hidden, weight, bias, targets, lse, grad_logps, needs)
     return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, (hidden, weight, bias)))
 
 

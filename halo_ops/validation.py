@@ -16,8 +16,11 @@ def check_linear_inputs(
     ignore_index: int,
     check_targets: bool,
     check_finite: bool,
+    target_range: int | None = None,
 ) -> None:
     """Validate ``hidden [..., D]``, ``weight [V, D]``, ``targets [...]`` and ``bias [V]``.
+
+    ``target_range``: the ids' bound when ``weight`` is one rank's shard of a larger head (default V).
 
     ``check_targets`` reads the targets on the host (one device sync); ``check_finite`` reads
     all of ``hidden`` and ``weight`` (one more pass over them and a sync). Both are skipped while
@@ -65,11 +68,12 @@ def check_linear_inputs(
     if torch.compiler.is_compiling():
         return
     if check_targets and targets.numel() > 0:
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        bound = target_range if target_range is not None else vocab
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= bound))
         if bool(bad.any()):
             first = targets[bad].flatten()[0].item()
             raise ValueError(
-                f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                f"targets must lie in [0, {bound}) or equal ignore_index={ignore_index}; "
                 f"found {int(bad.sum())} outside, e.g. {first}"
             )
     if check_finite:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import KTOOutput, fused_linear_kto_loss, linear_logprobs
+from ..vocab_parallel import is_dtensor
 from ..zero3 import gathered
 
 try:
@@ -73,21 +74,29 @@ def logit_transform_from_config(config) -> dict:
     return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": softcap}
 
 
+def _fsdp_managed(*modules) -> bool:
+    """True when FSDP2 (``fully_shard``) manages one of ``modules``: its DTensor parameters are data-parallel
+    shards to gather, not a tensor-parallel split."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in modules)
+
+
 @contextlib.contextmanager
-def full_lm_head(weight: torch.Tensor, bias: torch.Tensor | None):
-    """The LM head's full weight and bias for a direct read: FSDP2 DTensors gathered, ZeRO-3 shards gathered.
+def full_lm_head(weight: torch.Tensor, bias: torch.Tensor | None, *, gather_dtensors: bool = True):
+    """The LM head's weight and bias for a direct read: ZeRO-3 shards gathered, and FSDP2 DTensors gathered when
+    ``gather_dtensors``. A tensor-parallel head (a DTensor split over the vocabulary, not under FSDP2) passes
+    through: the ops take it as vocabulary-parallel (``halo_ops.VocabParallel``).
 
     ZeRO-3 shards are gathered with ``deepspeed.zero.GatheredParameters`` (the op's backward gathers
     them again for its recompute).
     """
     with gathered(weight, bias):
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - older torch
-            DTensor = ()
-        if isinstance(weight, DTensor):
+        if gather_dtensors and is_dtensor(weight):
             weight = weight.full_tensor()
-            bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+            bias = bias.full_tensor() if is_dtensor(bias) else bias
         yield weight, bias
 
 
@@ -150,7 +159,7 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ..
         head = self.get_output_embeddings()
         hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
         mask = targets != -100
-        with full_lm_head(head.weight, head.bias) as (weight, bias):
+        with full_lm_head(head.weight, head.bias, gather_dtensors=_fsdp_managed(self, head)) as (weight, bias):
             if kto is not None:
                 kto = dict(kto)
                 kto_out = fused_linear_kto_loss(hidden, weight, targets, kto.pop("labels"), kto.pop("ref_logps"),

@@ -381,8 +381,12 @@ def _count_calls(monkeypatch, module, name):
 def test_eager_schedule_equals_recompute(impl, case, dtype, frozen, monkeypatch):
     """The eager schedule (gradients formed in the forward, three GEMMs) and, for a frozen head, the Jacobian
     built in the forward (two) give the recompute schedule's loss, metrics and gradients; chunks of two whole
-    sequences, so several chunks run."""
-    from halo_ops import eager, fused_kto
+    sequences, so several chunks run, and on the PyTorch path token blocks of 4 and vocabulary tiles of 16 within
+    each chunk."""
+    from halo_ops import chunked, eager, fused_kto
+
+    monkeypatch.setattr(chunked, "TOKEN_CHUNK", 4)
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 4 * 16)
 
     hidden, weight, bias, targets, labels, ref_logps = _fused_inputs(5, 9, 8, 53, dtype, bias=True)
     for name in ("EAGER_BYTES", "EAGER_BYTES_CUDA"):
