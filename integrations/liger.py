@@ -1,6 +1,25 @@
-"""Drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearKTOLoss`` that never builds the logits.
+"""Drop-ins for Liger's fused linear preference losses (``liger_kernel.chunked_loss``) that never build the logits.
 
-Same constructor, forward signature, input shapes and return structure as Liger's module:
+``LigerFusedLinearKTOLoss``, ``LigerFusedLinearDPOLoss``, ``LigerFusedLinearORPOLoss``,
+``LigerFusedLinearCPOLoss``, ``LigerFusedLinearSimPOLoss`` and the functional forms Liger exports
+(``liger_fused_linear_kto``, ``..._dpo``, ``..._orpo``, ``..._cpo``, ``..._simpo``) take Liger's constructor
+arguments, forward signatures and positional orders, and return Liger's structures. Liger's ``compiled``
+and ``chunk_size`` are accepted and have no effect. Beyond Liger, each takes a keyword-only ``impl``.
+
+The paired losses (DPO, ORPO, CPO, SimPO) take ``_input`` [2B, T, D] and ``target`` [2B, T], the B chosen
+completions first, and return
+
+    loss, (chosen_logps [B], rejected_logps [B], chosen_logits_mean, rejected_logits_mean, nll_loss, *aux)
+
+with ``aux`` the method's rewards (and for ORPO the mean log σ(log odds ratio) and mean log odds ratio).
+The per-token log-probs come from :func:`halo_ops.linear_logprobs` in one call over the 2B sequences, the
+loss from ``halo_ops.losses.preference`` in PyTorch, so the backward is one projection backward with one
+coefficient per token. The logits means run over every position and vocabulary entry, in closed form
+(Σ_v h·W_v + b_v = h·ΣW + Σb). Differences: ``loss_type="ipo"`` works here (Liger raises), length-normalized
+as TRL does; a sequence with no scored token has an averaged log-prob of 0 here, NaN in Liger.
+
+The KTO module, with the same constructor, forward signature, input shapes and return structure as
+Liger's:
 
     loss, (chosen_logps_sum, rejected_logps_sum, chosen_logits_sum, rejected_logits_sum,
            chosen_rewards_sum, rejected_rewards_sum) = module(_input, lin_weight, target, bias,
@@ -24,6 +43,7 @@ import torch
 from torch import nn
 
 from .. import fused_linear_kto_loss, linear_logprobs
+from ..losses.preference import check_dpo_options, cpo_losses, dpo_losses, orpo_losses, simpo_losses
 
 
 def _logits_sums(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
@@ -100,3 +120,181 @@ class LigerFusedLinearKTOLoss(nn.Module):
         m = out.metrics
         return out.loss, (m["logps/chosen_sum"], m["logps/rejected_sum"], chosen_logits_sum, rejected_logits_sum,
                           m["rewards/chosen_sum"], m["rewards/rejected_sum"])
+
+
+def liger_fused_linear_kto(_input, weight, target, preference_labels, bias=None, ref_input=None, ref_weight=None,
+                           ref_bias=None, kl=None, ignore_index=-100, beta=0.1, compiled=True, use_ref_model=True,
+                           average_log_prob=False, chunk_size=1):
+    """Liger's ``liger_fused_linear_kto`` (``LigerFusedLinearKTOFunction.apply``): the same positional order."""
+    module = LigerFusedLinearKTOLoss(ignore_index, beta, compiled, use_ref_model, average_log_prob, chunk_size)
+    return module(_input, weight, target, bias, preference_labels, ref_input, ref_weight, ref_bias, kl)
+
+
+def _sequence_logps(token_logps, mask, average: bool):
+    """[2B, T] per-token log-probs (0 where masked) → [2B] sums or means over the scored tokens."""
+    total = token_logps.sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def _paired_loss(method, _input, weight, target, bias, *, ignore_index, alpha, compute_nll_loss, average_log_prob,
+                 nll_target=None, reference=None, impl="auto", needs_counts=False):
+    """The paired losses' common body (see the module docstring). ``method(chosen, rejected, **extra)`` returns the
+    per-pair losses and its aux values; ``reference``: (ref_input, ref_weight, ref_bias) or None."""
+    if _input.dim() != 3 or target.shape != _input.shape[:2] or target.shape[0] % 2:
+        raise ValueError(f"_input must be [2B, T, D] and target [2B, T] (chosen first), got {tuple(_input.shape)} and "
+                         f"{tuple(target.shape)}")
+    half = target.shape[0] // 2
+    mask = target != ignore_index
+    token_logps = linear_logprobs(_input, weight, target, bias, ignore_index=ignore_index, impl=impl)
+    logps = _sequence_logps(token_logps, mask, average_log_prob)
+    extra = {}
+    if reference is not None:
+        with torch.no_grad():
+            ref_tokens = linear_logprobs(*reference[:2], target, reference[2], ignore_index=ignore_index, impl=impl)
+            ref_logps = _sequence_logps(ref_tokens, mask, average_log_prob)
+        extra = {"ref_chosen_logps": ref_logps[:half], "ref_rejected_logps": ref_logps[half:]}
+    if needs_counts:
+        counts = mask.sum(-1).to(logps.dtype)
+        extra.update(chosen_counts=counts[:half], rejected_counts=counts[half:])
+    losses, *aux = method(logps[:half], logps[half:], **extra)
+    loss = losses.sum() / max(half, 1)
+    nll_loss = loss.new_zeros(())
+    if compute_nll_loss:
+        if nll_target is None:
+            nll_sum, nll_count = token_logps[:half].sum(), mask[:half].sum()
+        else:
+            nll_tokens = linear_logprobs(_input[:half], weight, nll_target[:half], bias, ignore_index=ignore_index,
+                                         impl=impl)
+            nll_sum, nll_count = nll_tokens.sum(), (nll_target[:half] != ignore_index).sum()
+        nll_loss = -nll_sum / nll_count
+        loss = loss + alpha * nll_loss
+    with torch.no_grad():  # Σ over positions and vocabulary of the raw logits, in closed form
+        per_sequence = _input.float().sum(1) @ weight.float().sum(0)
+        if bias is not None:
+            per_sequence = per_sequence + _input.shape[1] * bias.float().sum()
+        scale = half * _input.shape[1] * weight.shape[0]
+        logits_means = (per_sequence[:half].sum() / scale, per_sequence[half:].sum() / scale)
+    return loss, (logps[:half].detach(), logps[half:].detach(), *logits_means, nll_loss.detach(),
+                  *(a.detach() for a in aux))
+
+
+class LigerFusedLinearDPOLoss(nn.Module):
+    """Liger's fused linear DPO loss on halo-ops (see the module docstring); ``loss_type`` as TRL's, ipo included."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, compute_nll_loss: bool = False,
+                 compiled: bool = True, use_ref_model: bool = True, average_log_prob: bool = False,
+                 chunk_size: int = 1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 discopop_tau: float = 0.05, *, impl: str = "auto"):
+        super().__init__()
+        check_dpo_options(beta, loss_type, label_smoothing)
+        self.ignore_index, self.beta, self.alpha, self.compute_nll_loss = ignore_index, beta, alpha, compute_nll_loss
+        self.compiled, self.use_ref_model, self.average_log_prob = compiled, use_ref_model, average_log_prob
+        self.chunk_size, self.loss_type, self.label_smoothing = chunk_size, loss_type, label_smoothing
+        self.discopop_tau, self.impl = discopop_tau, impl
+
+    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None):
+        reference = None
+        if self.use_ref_model:
+            if ref_input is None or ref_weight is None:
+                raise ValueError("use_ref_model=True needs ref_input and ref_weight")
+            reference = (ref_input, ref_weight, ref_bias)
+
+        def method(chosen, rejected, **extra):
+            return dpo_losses(chosen, rejected, beta=self.beta, loss_type=self.loss_type,
+                              label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau, **extra)
+
+        return _paired_loss(method, _input, lin_weight, target, bias, ignore_index=self.ignore_index, alpha=self.alpha,
+                            compute_nll_loss=self.compute_nll_loss, average_log_prob=self.average_log_prob,
+                            reference=reference, impl=self.impl, needs_counts=self.loss_type == "ipo")
+
+
+class LigerFusedLinearORPOLoss(nn.Module):
+    """Liger's fused linear ORPO loss on halo-ops (see the module docstring): averaged log-probs, NLL weight 1."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = True,
+                 compiled: bool = True, chunk_size: int = 1, *, impl: str = "auto"):
+        super().__init__()
+        self.ignore_index, self.beta, self.compute_nll_loss = ignore_index, beta, compute_nll_loss
+        self.compiled, self.chunk_size, self.impl = compiled, chunk_size, impl
+
+    def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
+        def method(chosen, rejected):
+            losses, chosen_rewards, rejected_rewards, ratio, log_odds = orpo_losses(chosen, rejected, beta=self.beta)
+            half = max(chosen.shape[0], 1)
+            return losses, chosen_rewards, rejected_rewards, ratio.sum() / half, log_odds.sum() / half
+
+        return _paired_loss(method, _input, lin_weight, target, bias, ignore_index=self.ignore_index, alpha=1.0,
+                            compute_nll_loss=self.compute_nll_loss, average_log_prob=True, nll_target=nll_target,
+                            impl=self.impl)
+
+
+class LigerFusedLinearCPOLoss(nn.Module):
+    """Liger's fused linear CPO loss on halo-ops (see the module docstring)."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
+                 compute_nll_loss: bool = True, compiled: bool = True, average_log_prob: bool = False,
+                 chunk_size: int = 1, *, impl: str = "auto"):
+        super().__init__()
+        self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
+        self.compute_nll_loss, self.compiled, self.average_log_prob = compute_nll_loss, compiled, average_log_prob
+        self.chunk_size, self.impl = chunk_size, impl
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        def method(chosen, rejected):
+            return cpo_losses(chosen, rejected, beta=self.beta, label_smoothing=self.label_smoothing)
+
+        return _paired_loss(method, _input, lin_weight, target, bias, ignore_index=self.ignore_index, alpha=self.alpha,
+                            compute_nll_loss=self.compute_nll_loss, average_log_prob=self.average_log_prob,
+                            impl=self.impl)
+
+
+class LigerFusedLinearSimPOLoss(nn.Module):
+    """Liger's fused linear SimPO loss on halo-ops (see the module docstring): averaged log-probs, margin γ."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
+                 compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1, *,
+                 impl: str = "auto"):
+        super().__init__()
+        self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
+        self.compute_nll_loss, self.compiled, self.gamma, self.chunk_size = compute_nll_loss, compiled, gamma, chunk_size
+        self.impl = impl
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        def method(chosen, rejected):
+            return simpo_losses(chosen, rejected, beta=self.beta, gamma=self.gamma,
+                                label_smoothing=self.label_smoothing)
+
+        return _paired_loss(method, _input, lin_weight, target, bias, ignore_index=self.ignore_index, alpha=self.alpha,
+                            compute_nll_loss=self.compute_nll_loss, average_log_prob=True, impl=self.impl)
+
+
+def liger_fused_linear_dpo(_input, weight, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
+                           ignore_index=-100, beta=0.1, compute_nll_loss=False, compiled=True, use_ref_model=True,
+                           average_log_prob=False, chunk_size=1, loss_type="sigmoid", label_smoothing=0.0,
+                           discopop_tau=0.05, alpha=1.0):
+    """Liger's ``liger_fused_linear_dpo`` (``LigerFusedLinearDPOFunction.apply``): the same positional order."""
+    module = LigerFusedLinearDPOLoss(ignore_index, beta, alpha, compute_nll_loss, compiled, use_ref_model,
+                                     average_log_prob, chunk_size, loss_type, label_smoothing, discopop_tau)
+    return module(weight, _input, target, bias, ref_input, ref_weight, ref_bias)
+
+
+def liger_fused_linear_orpo(_input, weight, target, bias=None, ignore_index=-100, beta=0.1, compute_nll_loss=True,
+                            nll_target=None, compiled=True, chunk_size=1):
+    """Liger's ``liger_fused_linear_orpo`` (``LigerFusedLinearORPOFunction.apply``): the same positional order."""
+    return LigerFusedLinearORPOLoss(ignore_index, beta, compute_nll_loss, compiled, chunk_size)(
+        weight, _input, target, bias, nll_target)
+
+
+def liger_fused_linear_cpo(_input, weight, target, bias=None, ignore_index=-100, beta=0.1, alpha=1.0,
+                           label_smoothing=0.0, compute_nll_loss=True, compiled=True, average_log_prob=False,
+                           chunk_size=1):
+    """Liger's ``liger_fused_linear_cpo`` (``LigerFusedLinearCPOFunction.apply``): the same positional order."""
+    return LigerFusedLinearCPOLoss(ignore_index, beta, alpha, label_smoothing, compute_nll_loss, compiled,
+                                   average_log_prob, chunk_size)(weight, _input, target, bias)
+
+
+def liger_fused_linear_simpo(_input, weight, target, bias=None, ignore_index=-100, beta=0.1, alpha=1.0,
+                             label_smoothing=0.0, compute_nll_loss=False, compiled=True, gamma=0.5, chunk_size=1):
+    """Liger's ``liger_fused_linear_simpo`` (``LigerFusedLinearSimPOFunction.apply``): the same positional order."""
+    return LigerFusedLinearSimPOLoss(ignore_index, beta, alpha, label_smoothing, compute_nll_loss, compiled, gamma,
+                                     chunk_size)(weight, _input, target, bias)
