@@ -20,7 +20,7 @@ import torch
 
 from . import partials as P
 from .options import TokenOptions, accumulation_dtype
-from .partials import merge_partials
+from .partials import TokenStats, merge_partials
 from .transform import LogitTransform
 
 # Logits per tile: a tile and its temporaries are a few times 4 · TILE_ELEMENTS bytes (16 MiB tiles, within a
@@ -54,7 +54,7 @@ def _project(h_c: torch.Tensor, w_c: torch.Tensor, b_c: torch.Tensor | None, tra
 
 
 def _fold_tile(z, local_targets, piece, stats: bool, *, separate_exp: bool, sum_logits: bool):
-    """Fold a tile of transformed logits z [n, v] into its rows' partials ``piece`` [3 or 5, n] (``halo_ops.partials``;
+    """Fold a tile of transformed logits z [n, v] into its rows' partials ``piece`` [3 or 7, n] (``halo_ops.partials``;
     ``local_targets`` relative to the tile's first column). Leaves z − m in ``z`` and returns e = exp(z − m): a new
     tensor with ``separate_exp``, else ``z`` itself, overwritten."""
     width = z.shape[1]
@@ -65,10 +65,15 @@ def _fold_tile(z, local_targets, piece, stats: bool, *, separate_exp: bool, sum_
         piece[P.LOGIT_SUM] = z.sum(1)
     m = z.amax(1)
     piece[P.MAX] = m
+    if stats:  # the max over the columns before the target's: the running max of each row's prefix
+        before = local_targets.clamp(0, width)
+        prefix_max = z.cummax(1).values.gather(1, (before - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        piece[P.MAX_BEFORE_TARGET] = torch.where(before > 0, prefix_max, float("-inf"))
     centered = z.sub_(m.unsqueeze(1))
     e = torch.exp(centered) if separate_exp else centered.exp_()
     if stats:
         piece[P.CENTERED_SUM] = torch.einsum("nv,nv->n", e, centered)
+        piece[P.SQ_SUM_EXP] = torch.einsum("nv,nv->n", e, e)
     piece[P.SUM_EXP] = e.sum(1)
     return e
 
@@ -85,7 +90,7 @@ def _linear_logit_sum(weight, bias, transform: LogitTransform, acc):
 
 
 def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
-    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 → partials [3 or 5, K, N], and with
+    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 → partials [3 or 7, K, N], and with
     ``options.save_jacobian`` the Jacobian J [N, D] of each token's log-prob with respect to its hidden state
     (else None).
 
@@ -229,7 +234,7 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
     ``dH += dL/dy · W_tile`` and ``dW_tile += dL/dyᵀ · H``. Rows with an ignored target are left out on CPU,
     and so are token blocks whose coefficients are all 0.
 
-    Returns (logps, lse, entropy, mean_logit) [N] as ``forward_tokens`` does, and the gradients (dH [N, D],
+    Returns (logps, lse, stats) as ``forward_tokens`` does, and the gradients (dH [N, D],
     dW [V, D], db [V]) in the accumulation dtype, None where ``needs`` says no.
     """
     n_tokens, dim = hidden.shape
@@ -239,8 +244,10 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
     keep_exp = transform.softcap is None  # with softcap dz/dy needs z, so the buffer keeps z − m instead of e
     new = {"dtype": acc, "device": hidden.device}
     logps, lse = torch.zeros(n_tokens, **new), torch.full((n_tokens,), float("inf"), **new)
-    entropy = torch.zeros(n_tokens, **new) if stats else None
-    mean_logit = torch.zeros(n_tokens, **new) if stats else None
+    token_stats = None
+    if stats:
+        token_stats = TokenStats(*(torch.zeros(n_tokens, **new) for _ in range(3)),
+                                 torch.zeros(n_tokens, dtype=torch.bool, device=hidden.device))
     grad_h = torch.zeros((n_tokens, dim), **new) if needs[0] else None
     grad_w = torch.zeros((vocab, dim), **new) if needs[1] else None
     grad_b = torch.zeros(vocab, **new) if needs[2] and bias is not None else None
@@ -276,14 +283,15 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
             partials[P.LOGIT_SUM] = 0.0
             partials[P.LOGIT_SUM, 0] = logit_sum(h_c)
         valid = t_c != options.ignore_index
-        logps_c, lse_c, entropy_c, mean_logit_c = merge_partials(partials, valid, vocab)
+        logps_c, lse_c, stats_c = merge_partials(partials, valid, vocab)
         chunk_logps = torch.zeros(r1 - r0, **new).index_copy_(0, local, logps_c)
         g = token_coefficients(chunk_logps.view(-1, seq), s0).reshape(-1)[local].to(acc)
         g = torch.where(valid, g, 0.0)
         out = local + r0
         logps[out], lse[out] = logps_c, lse_c
         if stats:
-            entropy[out], mean_logit[out] = entropy_c, mean_logit_c
+            for field, value in zip(token_stats, stats_c):
+                field[out] = value
         for t0, t1 in blocks:  # the gradients, from the kept tiles
             g_b = g[t0:t1]
             if g_b.device.type == "cpu" and not bool(g_b.any()):
@@ -310,4 +318,4 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
                     grad_b[v0:v1] += dy.sum(0)
             if gh_b is not None:
                 grad_h[out[t0:t1]] = gh_b
-    return (logps, lse, entropy, mean_logit), (grad_h, grad_w, grad_b)
+    return (logps, lse, token_stats), (grad_h, grad_w, grad_b)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .options import TokenOptions, accumulation_dtype
-from .partials import merge_partials
+from .partials import TokenStats, merge_partials
 
 # Bytes of one chunk's kept logits (on the Triton path with half-precision dL/dy beside them): 256 MiB on CPU
 # (bench/NOTES.md items 20 and 23). On a GPU 1 GiB holds two
@@ -45,8 +45,8 @@ def eager_forward(hidden, weight, bias, targets, options: TokenOptions, seq: int
     """The token op's forward and the gradients of a sequence-level loss in the same pass.
 
     ``token_coefficients(logps [b, T], first_sequence) -> [b, T]`` gives dloss/dlogp_t for a chunk of b whole
-    sequences of T = ``seq`` tokens from their per-token log-probs. Returns (logps, lse, entropy, mean_logit)
-    [N] as ``token_op.forward_tokens`` does, and the gradients (dH [N, D], dW [V, D], db [V]) of the loss in
+    sequences of T = ``seq`` tokens from their per-token log-probs. Returns (logps, lse, stats) as
+    ``token_op.forward_tokens`` does, and the gradients (dH [N, D], dW [V, D], db [V]) of the loss in
     the accumulation dtype, None where ``needs`` says no.
     """
     per_chunk = eager_sequences_per_chunk(seq, weight.shape[0], hidden.dtype, options.impl, hidden.device)
@@ -68,16 +68,19 @@ def _triton_eager(hidden, weight, bias, targets, options: TokenOptions, seq, per
     valid = targets != options.ignore_index
     f32 = {"dtype": torch.float32, "device": hidden.device}
     logps, lse = torch.empty(n_tokens, **f32), torch.empty(n_tokens, **f32)
-    entropy = torch.empty(n_tokens, **f32) if options.return_stats else None
-    mean_logit = torch.empty(n_tokens, **f32) if options.return_stats else None
+    stats = None
+    if options.return_stats:
+        stats = TokenStats(*(torch.empty(n_tokens, **f32) for _ in range(3)),
+                           torch.empty(n_tokens, dtype=torch.bool, device=hidden.device))
 
     def chunk_coefficients(r0, r1, partials):
-        logps_c, lse_c, entropy_c, mean_logit_c = merge_partials(partials, valid[r0:r1], vocab)
+        logps_c, lse_c, stats_c = merge_partials(partials, valid[r0:r1], vocab)
         logps[r0:r1], lse[r0:r1] = logps_c, lse_c
-        if entropy is not None:
-            entropy[r0:r1], mean_logit[r0:r1] = entropy_c, mean_logit_c
+        if stats is not None:
+            for field, value in zip(stats, stats_c):
+                field[r0:r1] = value
         grad = token_coefficients(logps_c.view(-1, seq), r0 // seq).reshape(-1)
         return lse_c, torch.where(valid[r0:r1], grad, 0.0).float()
 
     grads = eager_gradients(hidden, weight, bias, targets, options, per_chunk * seq, chunk_coefficients, needs)
-    return (logps, lse, entropy, mean_logit), grads
+    return (logps, lse, stats), grads

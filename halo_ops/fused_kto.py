@@ -93,7 +93,7 @@ def _eager_forward(token, kto: KTOOptions, hidden, weight, bias, targets, ref_lo
     return eager_forward(hidden, weight, bias, targets, token, kto.seq, token_coefficients, kto.eager)
 
 
-def _composed_kto(token_logps, entropy, mean_logit, valid, labels, ref_logps, z0, weights, average) -> KTOOutput:
+def _composed_kto(token_logps, stats, valid, labels, ref_logps, z0, weights, average) -> KTOOutput:
     """The fused op's outputs composed in PyTorch autograd from per-token log-probs ``[B, T]`` (differentiable)
     and their statistics (None without token metrics): the vocabulary-parallel path."""
     batch = token_logps.shape[0]
@@ -103,8 +103,8 @@ def _composed_kto(token_logps, entropy, mean_logit, valid, labels, ref_logps, z0
     losses, _, rewards = kto_terms(policy_logps, ref_logps.to(token_logps.dtype), labels, z0.to(token_logps.dtype),
                                    *weights)
     token_stats = ()
-    if entropy is not None:
-        token_stats = (mean_logit.view(batch, -1).sum(-1), counts, entropy.view(batch, -1).sum(-1))
+    if stats is not None:
+        token_stats = (stats.mean_logit.view(batch, -1).sum(-1), counts, stats.entropy.view(batch, -1).sum(-1))
     sums = metric_sums(losses, policy_logps, rewards, labels, *token_stats)
     return KTOOutput(loss=losses.sum() / max(batch, 1), losses=losses.detach(), kl=z0,
                      policy_logps=policy_logps.detach(), rewards=rewards.detach(), labels=labels,
@@ -126,14 +126,15 @@ def _fused_linear_kto(
     ref_logps, kl = ref_logps.to(acc), kl.to(acc)
     grads = jacobian = None
     if kto.eager is not None:
-        (token_logps, lse, entropy, mean_logit), grads = _eager_forward(
+        (token_logps, lse, stats), grads = _eager_forward(
             token, kto, hidden, weight, bias, targets, ref_logps, labels, kl, counts, batch)
     else:
-        token_logps, lse, entropy, mean_logit, jacobian = forward_tokens(token, hidden, weight, bias, targets)
+        token_logps, lse, stats, jacobian = forward_tokens(token, hidden, weight, bias, targets)
     policy_logps = _sequence_logps(token_logps.view(batch, kto.seq), counts, kto)
     token_stats = None
     if token.return_stats:
-        token_stats = (mean_logit.view(batch, kto.seq).sum(-1), counts, entropy.view(batch, kto.seq).sum(-1))
+        token_stats = (stats.mean_logit.view(batch, kto.seq).sum(-1), counts,
+                       stats.entropy.view(batch, kto.seq).sum(-1))
     losses, coeff, rewards, sums = _sequence_terms(token.impl, policy_logps, ref_logps, labels, kl, kto, token_stats)
     losses, coeff, rewards = (t.to(acc) for t in (losses, coeff, rewards))
     token_coeff = _token_coefficients(coeff, counts, batch, kto).reshape(-1).clone()
@@ -274,10 +275,9 @@ def fused_linear_kto_loss(
     if sharding is not None:
         if saturation_threshold > 0:
             raise ValueError("saturation_threshold is not supported with a vocabulary-parallel head; leave it at 0")
-        token_logps, entropy, mean_logit = vocab_parallel_logprobs(hidden2d, weight, bias, flat_targets,
-                                                                   token_options, *sharding)
+        token_logps, stats = vocab_parallel_logprobs(hidden2d, weight, bias, flat_targets, token_options, *sharding)
         weights = (float(beta), float(desirable_weight), float(undesirable_weight))
-        return _composed_kto(token_logps.view(batch, seq), entropy, mean_logit, flat_targets.view(batch, seq) !=
+        return _composed_kto(token_logps.view(batch, seq), stats, flat_targets.view(batch, seq) !=
                              ignore_index, labels, ref_logps.detach(), z0, weights, bool(average_log_prob))
     token_options = with_frozen_head_jacobian(token_options, hidden2d, weight, bias, recompute)
     needs = tuple(x is not None and x.requires_grad for x in (hidden2d, weight, bias))

@@ -18,6 +18,8 @@ class LinearLogProbs(NamedTuple):
     logps: torch.Tensor  # like targets ("none") or one value per row ("sum"/"mean"), float32
     entropy: torch.Tensor  # like targets: entropy of softmax(z), 0 at ignored positions
     mean_logit: torch.Tensor  # like targets: mean over the vocabulary of z, 0 at ignored positions
+    log_sum_sq_probs: torch.Tensor  # like targets: log Σ_v p_v², 0 at ignored positions
+    is_top1: torch.Tensor  # like targets, bool: the target is z's first argmax, False at ignored positions
 
 
 def linear_logprobs(
@@ -60,8 +62,9 @@ def linear_logprobs(
             dimension (mean over the row's non-ignored tokens, 0 for a row with none).
         impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked
             PyTorch, any device), or ``"auto"`` (Triton where it runs, else PyTorch).
-        return_stats: also return per-token entropy and mean logit of ``softmax(z)`` from the same
-            pass (no gradient), as a :class:`LinearLogProbs`.
+        return_stats: also return per-token statistics of ``softmax(z)`` from the same pass (no gradient):
+            entropy, mean logit, log Σ p², and whether the target is the argmax (TRL's ``is_top1``), as a
+            :class:`LinearLogProbs`.
         check_targets: raise on targets outside ``[0, V)`` (reads them on the host: one sync).
         check_finite: raise on NaN/inf in hidden, weight or bias (one extra pass and a sync).
         deterministic: a Triton backward without atomics, bitwise reproducible from run to run
@@ -102,12 +105,12 @@ def linear_logprobs(
         check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps,
         schedule=schedule, vocab_parallel=vocab_parallel)
     if sharding is not None:
-        logps, entropy, mean_logit = vocab_parallel_logprobs(hidden2d, weight, bias, flat_targets, options, *sharding)
+        logps, stats = vocab_parallel_logprobs(hidden2d, weight, bias, flat_targets, options, *sharding)
     else:
         options = with_frozen_head_jacobian(options, hidden2d, weight, bias, recompute)
-        logps, entropy, mean_logit = token_logprobs(hidden2d, weight, bias, flat_targets, options)
+        logps, stats = token_logprobs(hidden2d, weight, bias, flat_targets, options)
     valid = targets != ignore_index
     logps = reduce_last_dim(logps.view(targets.shape), valid, reduction)
     if not return_stats:
         return logps
-    return LinearLogProbs(logps, entropy.view(targets.shape), mean_logit.view(targets.shape))
+    return LinearLogProbs(logps, *(stat.view(targets.shape) for stat in stats))

@@ -19,6 +19,8 @@ class ReferenceLogProbs(NamedTuple):
     logps: torch.Tensor  # per token [...] or per row, by reduction
     entropy: torch.Tensor  # per token [...], 0 at ignored positions
     mean_logit: torch.Tensor  # per token [...], 0 at ignored positions
+    log_sum_sq_probs: torch.Tensor  # per token [...]: log Σ_v p_v², 0 at ignored positions
+    is_top1: torch.Tensor  # per token [...], bool: argmax(z) == target (the first argmax), False where ignored
 
 
 def linear_logprobs_reference(
@@ -52,4 +54,6 @@ def linear_logprobs_reference(
         logps=reduce_last_dim(per_token, valid, reduction),
         entropy=torch.where(valid, entropy, zero).detach(),
         mean_logit=torch.where(valid, z.mean(-1), zero).detach(),
+        log_sum_sq_probs=torch.where(valid, torch.logsumexp(2 * logsm, -1), zero).detach(),
+        is_top1=valid & (z.argmax(-1) == targets),
     )

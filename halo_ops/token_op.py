@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import options as opts
 from .options import TokenOptions, accumulation_dtype
-from .partials import merge_partials
+from .partials import TokenStats, merge_partials
 from .zero3 import gathered
 
 # A bf16/fp16 weight's gradient is built in vocabulary slices of at most this many bytes of fp32, each cast
@@ -55,15 +55,17 @@ def token_partials(options: TokenOptions, hidden, weight, bias, targets):
 
 
 def forward_tokens(options: TokenOptions, hidden, weight, bias, targets):
-    """(logps, lse, entropy, mean_logit, jacobian): each but the last [N] in the accumulation dtype, the
-    stats None without ``options.return_stats``; the Jacobian d logp_t / d h_t [N, D] with
+    """(logps [N], lse [N], stats, jacobian): the first two in the accumulation dtype; ``stats`` a
+    ``partials.TokenStats`` with ``options.return_stats``, else None; the Jacobian d logp_t / d h_t [N, D] with
     ``options.save_jacobian``, else None. Autocast is off inside; N = 0 is handled."""
     acc = accumulation_dtype(hidden.dtype)
     if hidden.shape[0] == 0:
         jacobian = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if options.save_jacobian else None
         empty = hidden.new_zeros(0, dtype=acc)
-        stat = empty.clone() if options.return_stats else None
-        return empty, empty.clone(), stat, None if stat is None else stat.clone(), jacobian
+        stats = None
+        if options.return_stats:
+            stats = TokenStats(empty.clone(), empty.clone(), empty.clone(), hidden.new_zeros(0, dtype=torch.bool))
+        return empty, empty.clone(), stats, jacobian
     partials, jacobian = token_partials(options, hidden, weight, bias, targets)
     return (*merge_partials(partials, targets != options.ignore_index, weight.shape[0]), jacobian)
 
@@ -103,21 +105,21 @@ def backward_tokens(options: TokenOptions, hidden, weight, bias, targets, lse, g
 
 @torch.library.custom_op("halo_ops::token_logprobs", mutates_args=())
 def _token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                    options: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(logps, lse, entropy, mean_logit) [N] and the Jacobian [N, D]; the stats are empty [0] without
-    return_stats, the Jacobian without save_jacobian."""
-    logps, lse, entropy, mean_logit, jacobian = forward_tokens(opts.decode(options), hidden, weight, bias, targets)
-    if entropy is None:
-        entropy, mean_logit = logps.new_empty(0), logps.new_empty(0)
-    return logps, lse, entropy, mean_logit, logps.new_empty(0) if jacobian is None else jacobian
+                    options: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logps, lse, entropy, mean_logit, log_sum_sq_probs, is_top1) [N] and the Jacobian [N, D]; the statistics
+    are empty [0] without return_stats, the Jacobian without save_jacobian."""
+    logps, lse, stats, jacobian = forward_tokens(opts.decode(options), hidden, weight, bias, targets)
+    if stats is None:
+        stats = (*(logps.new_empty(0) for _ in range(3)), logps.new_empty(0, dtype=torch.bool))
+    return logps, lse, *stats, logps.new_empty(0) if jacobian is None else jacobian
 
 
 @_token_logprobs.register_fake
 def _(hidden, weight, bias, targets, options):
     n, dtype, decoded = hidden.shape[0], accumulation_dtype(hidden.dtype), opts.decode(options)
     stat = n if decoded.return_stats else 0
-    return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype), hidden.new_empty(stat, dtype=dtype),
-            hidden.new_empty(stat, dtype=dtype),
+    return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype),
+            *(hidden.new_empty(stat, dtype=dtype) for _ in range(3)), hidden.new_empty(stat, dtype=torch.bool),
             hidden.new_empty(hidden.shape if decoded.save_jacobian else 0, dtype=dtype))
 
 
@@ -152,7 +154,7 @@ def _setup_context(ctx, inputs, output):
     ctx.options = options
     ctx.dtype = hidden.dtype
     if opts.decode(options).save_jacobian:  # the backward scales the Jacobian: no recompute, nothing else kept
-        ctx.save_for_backward(None, None, None, targets, output[1], output[4])
+        ctx.save_for_backward(None, None, None, targets, output[1], output[6])
     else:
         ctx.save_for_backward(hidden, weight, bias, targets, output[1], None)
 
@@ -172,8 +174,8 @@ _token_logprobs.register_autograd(_backward, setup_context=_setup_context)
 
 
 def token_logprobs(hidden, weight, bias, targets, options: TokenOptions):
-    """(logps [N], entropy [N] | None, mean_logit [N] | None), differentiable in logps only."""
-    logps, _, entropy, mean_logit, _ = _token_logprobs(hidden, weight, bias, targets, opts.encode(options))
+    """(logps [N], ``partials.TokenStats`` | None without ``options.return_stats``), differentiable in logps only."""
+    logps, _, *stats, _ = _token_logprobs(hidden, weight, bias, targets, opts.encode(options))
     if not options.return_stats:
-        return logps, None, None
-    return logps, entropy.detach(), mean_logit.detach()
+        return logps, None
+    return logps, TokenStats(*(stat.detach() for stat in stats))

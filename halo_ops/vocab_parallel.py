@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from .options import TokenOptions, accumulation_dtype
-from .partials import combine_pieces, merge_partials
+from .partials import TokenStats, combine_pieces, merge_partials
 from .token_op import backward_accumulators, token_partials
 
 
@@ -104,16 +104,18 @@ def global_vocab(vocab_parallel: VocabParallel, device) -> int:
 
 
 def local_targets(targets, vocab_parallel: VocabParallel, ignore_index: int):
-    """Targets in the shard's coordinates: ``target − start`` inside the shard, ``ignore_index`` where ignored, and
-    elsewhere a negative id that is not ``ignore_index`` (scored, but its logit lives on another rank)."""
-    elsewhere = -1 if ignore_index != -1 else -2
-    inside = (targets >= vocab_parallel.start) & (targets < vocab_parallel.stop)
-    shifted = torch.where(inside, targets - vocab_parallel.start, elsewhere)
+    """Targets in the shard's coordinates: ``target − start`` inside the shard and ``ignore_index`` where ignored.
+    A target on another rank (scored, but its logit is not here) becomes an id that matches no column and is not
+    ``ignore_index``: −1 (or −2) below the shard, 2⁶² above it, so that every column counts as before the target
+    (the ``is_top1`` statistic's partial)."""
+    below = -1 if ignore_index != -1 else -2
+    shifted = torch.where(targets < vocab_parallel.start, below, targets - vocab_parallel.start)
+    shifted = torch.where(targets >= vocab_parallel.stop, 1 << 62, shifted)
     return torch.where(targets == ignore_index, targets, shifted)
 
 
 class _VocabParallelTokens(torch.autograd.Function):
-    """(logps, entropy, mean_logit) [N] on every rank from this rank's shard; differentiable in logps."""
+    """(logps, *TokenStats) [N] on every rank from this rank's shard; differentiable in logps."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, options: TokenOptions, vocab_parallel: VocabParallel, vocab):
@@ -121,16 +123,17 @@ class _VocabParallelTokens(torch.autograd.Function):
         local = local_targets(targets, vocab_parallel, options.ignore_index)
         acc = accumulation_dtype(hidden.dtype)
         if hidden.shape[0] == 0:  # every rank has the same N: no rank waits in a collective
-            stats = [hidden.new_zeros(0, dtype=acc)] * (2 if options.return_stats else 0)
-            lse = hidden.new_zeros(0, dtype=acc)
-            logps = hidden.new_zeros(0, dtype=acc)
+            stats = ()
+            if options.return_stats:
+                stats = (*(hidden.new_zeros(0, dtype=acc) for _ in range(3)), hidden.new_zeros(0, dtype=torch.bool))
+            logps, lse = hidden.new_zeros(0, dtype=acc), hidden.new_zeros(0, dtype=acc)
         else:
             partials, _ = token_partials(options, hidden, weight, bias, local)
             piece = combine_pieces(partials)[:, 0].contiguous()  # [P, N]
             pieces = [torch.empty_like(piece) for _ in range(dist.get_world_size(vocab_parallel.group))]
             dist.all_gather(pieces, piece, group=vocab_parallel.group)
-            logps, lse, *stats = merge_partials(torch.stack(pieces, 1), targets != options.ignore_index, vocab)
-            stats = [s for s in stats if s is not None]
+            logps, lse, stats = merge_partials(torch.stack(pieces, 1), targets != options.ignore_index, vocab)
+            stats = tuple(stats) if stats is not None else ()
         ctx.options, ctx.vocab_parallel = options, vocab_parallel
         ctx.save_for_backward(hidden, weight, bias, local, lse)
         for stat in stats:
@@ -152,12 +155,11 @@ class _VocabParallelTokens(torch.autograd.Function):
 
 def vocab_parallel_logprobs(hidden, weight, bias, targets, options: TokenOptions, vocab_parallel: VocabParallel,
                             vocab: int):
-    """(logps [N], entropy [N] | None, mean_logit [N] | None) of the full vocabulary from this rank's shard
+    """(logps [N], ``partials.TokenStats`` | None without statistics) of the full vocabulary from this rank's shard
     ``weight`` [stop − start, D] (and ``bias``), ``targets`` [N] global ids; logps differentiable."""
     if options.save_jacobian:
         options = dataclasses.replace(options, save_jacobian=False)
     out = _VocabParallelTokens.apply(hidden, weight, bias, targets, options, vocab_parallel, vocab)
     if not options.return_stats:
-        return out, None, None
-    logps, entropy, mean_logit = out
-    return logps, entropy, mean_logit
+        return out, None
+    return out[0], TokenStats(*out[1:])

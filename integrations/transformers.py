@@ -37,15 +37,13 @@ try:
 except ImportError:  # pragma: no cover - transformers is needed for this module only
     raise ImportError("halo_ops.integrations.transformers needs the transformers package") from None
 
-SUPPORTED_OUTPUTS = ("log_probs", "entropy", "mean_logits")
+SUPPORTED_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 @dataclass
 class FusedCausalLMOutput(ModelOutput):
-    """TRL 1.16's ``FusedCausalLMOutput`` fields (per-token fields are 0 where the label is -100), plus ``kto``.
-
-    ``log_sum_sq_probs`` and ``is_top1`` are always None here (halo-ops does not compute them).
-    """
+    """TRL 1.16's ``FusedCausalLMOutput`` fields (per-token fields are 0, ``is_top1`` False, where the label is
+    -100), plus ``kto``. Fields not requested in ``outputs`` are None."""
 
     loss: torch.Tensor | None = None
     log_probs: torch.Tensor | None = None
@@ -109,14 +107,20 @@ def _load_balancing_loss(backbone_outputs, text_config, kwargs):
                                     kwargs.get("attention_mask"))
 
 
-def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ...] = ("log_probs",)) -> None:
+def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                      outputs: tuple[str, ...] = ("log_probs",)) -> None:
     """Patch ``model.forward`` so ``model(..., labels=labels, fused_lm_head=True)`` scores labels without logits.
+
+    The same signature and call forms as TRL 1.16's ``trl.trainer.utils.add_fused_lm_head``.
 
     Args:
         model: a transformers causal LM (add the head before wrapping the model with PEFT).
         temperature: the logits are divided by it.
-        outputs: per-token fields to compute, among ``"log_probs"``, ``"entropy"`` and
-            ``"mean_logits"``; ``log_probs`` (and ``loss``) always are.
+        cast_lm_head_to_fp32: run the head's projection in float32, outside autocast.
+        outputs: per-token fields to compute, among ``"log_probs"``, ``"entropy"``, ``"log_sum_sq_probs"``
+            (log Σ_v p_v²), ``"mean_logits"`` and ``"is_top1"`` (the label is the argmax), all from the same
+            pass over the vocabulary; ``log_probs`` (and ``loss``) always are. The statistics carry no
+            gradient.
 
     MoE models whose config sets ``output_router_logits`` get TRL's ``aux_loss`` (the load-balancing
     loss) and, in log-prob mode, ``loss`` includes ``router_aux_loss_coef · aux_loss``.
@@ -132,7 +136,7 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ..
     original_forward = model.forward
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     transform = logit_transform_from_config(model.config)
-    return_stats = "entropy" in outputs or "mean_logits" in outputs
+    return_stats = bool(set(outputs) - {"log_probs"})
 
     # Keep the original signature: `generate` validates its model kwargs against it
     @functools.wraps(type(model).forward)
@@ -159,7 +163,12 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ..
         head = self.get_output_embeddings()
         hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
         mask = targets != -100
-        with full_lm_head(head.weight, head.bias, gather_dtensors=_fsdp_managed(self, head)) as (weight, bias):
+        precision = contextlib.nullcontext()
+        if cast_lm_head_to_fp32:
+            hidden, precision = hidden.float(), torch.autocast(hidden.device.type, enabled=False)
+        with precision, full_lm_head(head.weight, head.bias, gather_dtensors=_fsdp_managed(self, head)) as (weight, bias):
+            if cast_lm_head_to_fp32:
+                weight, bias = weight.float(), None if bias is None else bias.float()
             if kto is not None:
                 kto = dict(kto)
                 kto_out = fused_linear_kto_loss(hidden, weight, targets, kto.pop("labels"), kto.pop("ref_logps"),
@@ -178,7 +187,9 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str, ..
             aux_loss=aux_loss,
             log_probs=log_probs,
             entropy=out.entropy if "entropy" in outputs else None,
+            log_sum_sq_probs=out.log_sum_sq_probs if "log_sum_sq_probs" in outputs else None,
             mean_logits=out.mean_logit if "mean_logits" in outputs else None,
+            is_top1=out.is_top1 if "is_top1" in outputs else None,
             label_mask=mask,
         )
 

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .config import device_arch, launch_options, select_config
 from .slab_backward import backward_by_slabs, slab_shape, window
-from .tiles import dlogits_from_projection, empty_fold, fold_tile, store_partials
+from .tiles import dlogits_from_projection, empty_fold, fold_tile, partial_kinds, store_partials
 from .transform import logit_transform, transform_args
 
 
@@ -40,8 +40,7 @@ def load_projection(y_ptr, bias_ptr, o_n, m_n, o_v, m_v, stride_y, HAS_BIAS: tl.
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
 @triton.jit
 def logits_fold_kernel(
-    y_ptr, bias_ptr, targets_ptr,
-    max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr,
+    y_ptr, bias_ptr, targets_ptr, partials_ptr, stride_kind,
     N, V, stride_y, split_v, logit_scale, softcap, temperature, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -54,17 +53,16 @@ def logits_fold_kernel(
     pid_s = tl.program_id(1)
     m_n = o_n < N
     b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
-    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = empty_fold(BLOCK_N)
+    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = empty_fold(BLOCK_N)
     for v0 in range(pid_s * split_v, tl.minimum((pid_s + 1) * split_v, V), BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
         b_y = load_projection(y_ptr, bias_ptr, o_n, m_n, o_v, m_v, stride_y, HAS_BIAS)
         b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-        b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = fold_tile(
-            b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS)
-    store_partials(max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr,
-                   pid_s.to(tl.int64) * N + o_n, m_n, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum,
-                   RETURN_STATS)
+        b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = fold_tile(
+            b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
+    store_partials(partials_ptr, stride_kind, pid_s.to(tl.int64) * N + o_n, m_n, b_max, b_sum_exp, b_target_logit,
+                   b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -120,13 +118,13 @@ def _slices(n_tokens: int, vocab: int, slab_bytes: int | None):
 
 
 def gemm_forward(hidden, weight, bias, targets, options, *, slab_bytes=None, config=None) -> torch.Tensor:
-    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] → partials [3 or 5, S, N] fp32, one piece per
+    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] → partials [3 or 7, S, N] fp32, one piece per
     vocabulary slice (``options``: a ``halo_ops.options.TokenOptions``; transform, ignore_index, return_stats)."""
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     rows, cols, slices, chunks = _slices(n_tokens, vocab, slab_bytes)
     stats = options.return_stats
-    partials = torch.empty((5 if stats else 3, len(slices), n_tokens), dtype=torch.float32, device=hidden.device)
+    partials = torch.empty((partial_kinds(stats), len(slices), n_tokens), dtype=torch.float32, device=hidden.device)
     slab = torch.empty((rows, cols), dtype=torch.float32, device=hidden.device)
     cfg = config or select_config("fold", hidden.dtype, dim, vocab, device_arch(hidden.device))
     for k, (v0, v1) in enumerate(slices):
@@ -138,18 +136,17 @@ def gemm_forward(hidden, weight, bias, targets, options, *, slab_bytes=None, con
 
 
 def fold_logits(y, bias, targets, options, config, *, out=None, split_v=None) -> torch.Tensor:
-    """The partials [3 or 5, S, n] fp32 of the raw projection slab ``y`` [n, V] (a contiguous-row view),
+    """The partials [3 or 7, S, n] fp32 of the raw projection slab ``y`` [n, V] (a contiguous-row view),
     ``bias`` [V] | None, ``targets`` [n] relative to y's first column: one piece per ``split_v`` columns
     (default all V), in one launch. ``out``: where to write them (a [:, S, n] view with unit stride in n)."""
     n, vocab = y.shape
     split_v = triton.cdiv(split_v or vocab, config.block_v) * config.block_v
     pieces = triton.cdiv(vocab, split_v)
     if out is None:
-        out = torch.empty((5 if options.return_stats else 3, pieces, n), dtype=torch.float32, device=y.device)
+        out = torch.empty((partial_kinds(options.return_stats), pieces, n), dtype=torch.float32, device=y.device)
     assert out.shape[1] == pieces and out.stride(2) == 1 and (pieces == 1 or out.stride(1) == n)
     logits_fold_kernel[(triton.cdiv(n, config.block_n), pieces)](
-        y, bias, targets, *out[:3, 0], *(out[3:, 0] if options.return_stats else (None, None)),
-        n, vocab, y.stride(0), split_v, RETURN_STATS=options.return_stats, **transform_args(options.transform),
+        y, bias, targets, out, out.stride(0), n, vocab, y.stride(0), split_v, RETURN_STATS=options.return_stats, **transform_args(options.transform),
         **launch_options(config, with_block_d=False),
     )
     return out

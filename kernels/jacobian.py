@@ -29,7 +29,7 @@ import triton.language as tl
 from .config import device_arch, launch_options, select_config
 from .gemm_schedule import load_projection, projection_fp32
 from .slab_backward import add_product_fp32, slab_shape, window
-from .tiles import empty_fold, fold_tile, store_partials
+from .tiles import empty_fold, fold_tile, partial_kinds, store_partials
 from .transform import logit_transform, logit_transform_grad, transform_args
 
 
@@ -44,8 +44,7 @@ CHUNK_ROWS = 2048
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
 @triton.jit
 def jacobian_weights_kernel(
-    y_ptr, bias_ptr, targets_ptr, e_ptr, running_max_ptr, rescale_ptr,
-    max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr,
+    y_ptr, bias_ptr, targets_ptr, e_ptr, running_max_ptr, rescale_ptr, partials_ptr, stride_kind,
     N, V, stride_y, stride_e, logit_scale, softcap, temperature, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -56,16 +55,16 @@ def jacobian_weights_kernel(
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
-    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = empty_fold(BLOCK_N)
+    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = empty_fold(BLOCK_N)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
         b_y = load_projection(y_ptr, bias_ptr, o_n, m_n, o_v, m_v, stride_y, HAS_BIAS)
         b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-        b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = fold_tile(
-            b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS)
-    store_partials(max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr, o_n, m_n, b_max,
-                   b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS)
+        b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = fold_tile(
+            b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
+    store_partials(partials_ptr, stride_kind, o_n, m_n, b_max, b_sum_exp, b_target_logit, b_centered_sum,
+                   b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
     b_old = tl.load(running_max_ptr + o_n, mask=m_n, other=0.0)
     b_new = tl.maximum(b_old, b_max)
     tl.store(running_max_ptr + o_n, b_new, mask=m_n)
@@ -82,7 +81,7 @@ def jacobian_weights_kernel(
 
 
 def jacobian_forward(hidden, weight, bias, targets, options, *, slab_bytes=None, config=None):
-    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] → (partials [3 or 5, S, N] fp32, one piece per
+    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] → (partials [3 or 7, S, N] fp32, one piece per
     vocabulary slice, and the Jacobian J [N, D] fp32 of each token's log-prob with respect to its hidden state).
 
     ``options``: a ``halo_ops.options.TokenOptions`` (transform, ignore_index, return_stats). Rows with an ignored
@@ -95,7 +94,7 @@ def jacobian_forward(hidden, weight, bias, targets, options, *, slab_bytes=None,
     slices = [(v0, min(v0 + cols, vocab)) for v0 in range(0, vocab, cols)]
     stats = options.return_stats
     f32 = {"dtype": torch.float32, "device": hidden.device}
-    partials = torch.empty((5 if stats else 3, len(slices), n_tokens), **f32)
+    partials = torch.empty((partial_kinds(stats), len(slices), n_tokens), **f32)
     accumulator = torch.zeros((n_tokens, dim), **f32)
     running_max = torch.full((n_tokens,), float("-inf"), **f32)
     rescale = torch.empty((n_tokens,), **f32)
@@ -110,7 +109,7 @@ def jacobian_forward(hidden, weight, bias, targets, options, *, slab_bytes=None,
             piece = partials[:, k, n0:n1]
             jacobian_weights_kernel[(triton.cdiv(n1 - n0, cfg.block_n),)](
                 y, None if bias is None else bias[v0:v1], targets[n0:n1] - v0, e, running_max[n0:n1],
-                rescale[n0:n1], *piece[:3], *(piece[3:] if stats else (None, None)),
+                rescale[n0:n1], piece, piece.stride(0),
                 n1 - n0, v1 - v0, y.stride(0), e.stride(0), RETURN_STATS=stats, **transform_args(options.transform),
                 **launch_options(cfg, with_block_d=False),
             )

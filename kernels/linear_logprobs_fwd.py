@@ -7,7 +7,7 @@ GROUP_SIZE_M order of Triton's matmul tutorial). Each program owns BLOCK_N token
 vocabulary range; it streams BLOCK_V-wide tiles of logits computed with ``tl.dot`` over D, folds
 each into a running max ``m``, ``s = Σ exp(z − m)`` and, with stats, ``u = Σ exp(z − m)(z − m)``
 and ``Σ z``, and picks the target logit inside the tile (the online form of the merge in
-``halo_ops.partials``). It writes those per-split partials ([3 or 5, S, N], O(N) memory), which the
+``halo_ops.partials``). It writes those per-split partials ([3 or 7, S, N], O(N) memory), which the
 token op merges. No logits leave the registers. Blocks whose targets are all ignored are skipped.
 """
 
@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import gemm_schedule
 from .config import BlockConfig, device_arch, dot_options, launch_options, select_config, vocab_splits
-from .tiles import empty_fold, fold_tile, grouped_program, projection_tile, store_partials
+from .tiles import empty_fold, fold_tile, grouped_program, partial_kinds, projection_tile, store_partials
 from .transform import logit_transform, transform_args
 
 GROUP_N = 8  # token blocks per group of the grid's order
@@ -29,7 +29,7 @@ GROUP_N = 8  # token blocks per group of the grid's order
 @triton.jit
 def linear_logprobs_fwd_kernel(
     h_ptr, w_ptr, bias_ptr, targets_ptr,
-    max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr,
+    partials_ptr, stride_kind,
     N, V, D, vocab_per_split,
     stride_hn, stride_hd, stride_wv, stride_wd,
     ignore_index, logit_scale, softcap, temperature, inv_temperature,
@@ -44,7 +44,7 @@ def linear_logprobs_fwd_kernel(
     v_lo = pid_s * vocab_per_split
     v_hi = tl.minimum(v_lo + vocab_per_split, V)
 
-    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = empty_fold(BLOCK_N)
+    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = empty_fold(BLOCK_N)
     n_valid = tl.sum((m_n & (b_target != ignore_index)).to(tl.int32), axis=0)
     if n_valid > 0:
         for v0 in range(v_lo, v_hi, BLOCK_V):
@@ -55,12 +55,11 @@ def linear_logprobs_fwd_kernel(
                 HAS_BIAS, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
             )
             b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-            b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum = fold_tile(
-                b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS)
+            b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = fold_tile(
+                b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
 
-    store_partials(max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr,
-                   pid_s.to(tl.int64) * N + o_n, m_n, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum,
-                   RETURN_STATS)
+    store_partials(partials_ptr, stride_kind, pid_s.to(tl.int64) * N + o_n, m_n, b_max, b_sum_exp, b_target_logit,
+                   b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
 
 
 def linear_logprobs_forward(
@@ -74,7 +73,7 @@ def linear_logprobs_forward(
     splits: int | None = None,
     group: int = GROUP_N,
 ) -> torch.Tensor:
-    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 → partials [3 or 5, S, N] fp32.
+    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 → partials [3 or 7, S, N] fp32.
 
     ``options``: a ``halo_ops.options.TokenOptions`` (transform, ignore_index, return_stats are read; its
     schedule ``"gemm"`` runs ``gemm_schedule.gemm_forward`` instead of the fused kernel).
@@ -93,12 +92,11 @@ def linear_logprobs_forward(
     vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), config.block_v) * config.block_v
     splits = triton.cdiv(vocab, vocab_per_split)
     stats = options.return_stats
-    partials = torch.empty((5 if stats else 3, splits, n_tokens), dtype=torch.float32, device=hidden.device)
-    stats_ptrs = (partials[3], partials[4]) if stats else (None, None)
+    partials = torch.empty((partial_kinds(stats), splits, n_tokens), dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(n_tokens, config.block_n) * splits,)
     linear_logprobs_fwd_kernel[grid](
         hidden, weight, bias, targets,
-        partials[0], partials[1], partials[2], *stats_ptrs,
+        partials, partials.stride(0),
         n_tokens, vocab, dim, vocab_per_split,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         options.ignore_index,

@@ -9,6 +9,11 @@ import triton.language as tl
 from .transform import logit_transform, logit_transform_grad
 
 
+def partial_kinds(return_stats: bool) -> int:
+    """Partials per row and piece: max, Σ exp, target logit, and with statistics four more (``halo_ops.partials``)."""
+    return 7 if return_stats else 3
+
+
 @triton.jit
 def projection_tile(
     h_ptr, w_ptr, bias_ptr,
@@ -70,13 +75,17 @@ def dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, 
 
 
 @triton.jit
-def fold_tile(b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum,
-              RETURN_STATS: tl.constexpr):
+def fold_tile(b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp,
+              b_max_before, RETURN_STATS: tl.constexpr):
     """Fold a [BLOCK_N, BLOCK_V] tile of transformed logits into each row's running partials (the online form
     of ``halo_ops.partials``): max, Σ exp(z − max), the target's logit, and with RETURN_STATS the centered sum
-    Σ exp(z − max)(z − max) and Σ z. Returns the five updated [BLOCK_N] blocks."""
+    Σ exp(z − max)(z − max), Σ z, Σ exp(2(z − max)) and the max over the columns before the target's. Returns
+    the seven updated [BLOCK_N] blocks."""
     b_z = tl.where(m_v[None, :], b_z, float("-inf"))
     b_target_logit += tl.sum(tl.where(o_v[None, :] == b_target[:, None], b_z, 0.0), axis=1)
+    if RETURN_STATS:  # first, while few tiles are live (the fp32 forward spilled with it later)
+        b_before = tl.where(o_v[None, :] < b_target[:, None], b_z, float("-inf"))
+        b_max_before = tl.maximum(b_max_before, tl.max(b_before, axis=1))
     b_max_new = tl.maximum(b_max, tl.max(b_z, axis=1))
     b_alpha = tl.exp(b_max - b_max_new)
     b_e = tl.exp(b_z - b_max_new[:, None])
@@ -85,8 +94,9 @@ def fold_tile(b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_cente
         b_shift = b_sum_exp * tl.where(b_sum_exp > 0, b_max - b_max_new, 0.0)  # s = 0 while m = −inf
         b_centered_sum = (b_centered_sum + b_shift) * b_alpha + tl.sum(b_e * b_centered, axis=1)
         b_logit_sum += tl.sum(tl.where(m_v[None, :], b_z, 0.0), axis=1)
+        b_sq_sum_exp = b_sq_sum_exp * b_alpha * b_alpha + tl.sum(b_e * b_e, axis=1)
     b_sum_exp = b_sum_exp * b_alpha + tl.sum(b_e, axis=1)
-    return b_max_new, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum
+    return b_max_new, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before
 
 
 @triton.jit
@@ -102,18 +112,22 @@ def grouped_program(pid, blocks_n, blocks_other, GROUP_N: tl.constexpr):
 
 @triton.jit
 def empty_fold(BLOCK_N: tl.constexpr):
-    """The running partials of ``fold_tile`` before any tile: max −inf, every sum 0."""
+    """The running partials of ``fold_tile`` before any tile: the maxima −inf, every sum 0."""
     zeros = tl.zeros((BLOCK_N,), tl.float32)
-    return tl.full((BLOCK_N,), float("-inf"), tl.float32), zeros, zeros, zeros, zeros
+    minus_inf = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    return minus_inf, zeros, zeros, zeros, zeros, zeros, minus_inf
 
 
 @triton.jit
-def store_partials(max_ptr, sum_exp_ptr, target_logit_ptr, centered_sum_ptr, logit_sum_ptr, o_out, m_n, b_max,
-                   b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, RETURN_STATS: tl.constexpr):
-    """Write the rows' partials (``halo_ops.partials`` order) at offsets ``o_out``."""
-    tl.store(max_ptr + o_out, b_max, mask=m_n)
-    tl.store(sum_exp_ptr + o_out, b_sum_exp, mask=m_n)
-    tl.store(target_logit_ptr + o_out, b_target_logit, mask=m_n)
+def store_partials(partials_ptr, stride_kind, o_out, m_n, b_max, b_sum_exp, b_target_logit, b_centered_sum,
+                   b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS: tl.constexpr):
+    """Write the rows' partials at offsets ``o_out`` of each kind's row of ``partials_ptr`` (``halo_ops.partials``
+    order, ``stride_kind`` apart)."""
+    tl.store(partials_ptr + o_out, b_max, mask=m_n)
+    tl.store(partials_ptr + stride_kind + o_out, b_sum_exp, mask=m_n)
+    tl.store(partials_ptr + 2 * stride_kind + o_out, b_target_logit, mask=m_n)
     if RETURN_STATS:
-        tl.store(centered_sum_ptr + o_out, b_centered_sum, mask=m_n)
-        tl.store(logit_sum_ptr + o_out, b_logit_sum, mask=m_n)
+        tl.store(partials_ptr + 3 * stride_kind + o_out, b_centered_sum, mask=m_n)
+        tl.store(partials_ptr + 4 * stride_kind + o_out, b_logit_sum, mask=m_n)
+        tl.store(partials_ptr + 5 * stride_kind + o_out, b_sq_sum_exp, mask=m_n)
+        tl.store(partials_ptr + 6 * stride_kind + o_out, b_max_before, mask=m_n)

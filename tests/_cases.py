@@ -80,6 +80,24 @@ def _run(fn, hidden, weight, bias, targets, upstream, **kwargs):
     return out, grads
 
 
+# How far the target's logit must be from the best other logit for is_top1 to be decided in the inputs' dtype:
+# the logits' rounding (bf16: 2^-8 relative on |z| up to about 10)
+TOP1_MARGIN = {torch.float32: 1e-4, torch.bfloat16: 0.2, torch.float16: 0.03, torch.float64: 1e-10}
+
+
+def _top1_margin(exact_in, targets, case: Case):
+    """z_target − max_{v ≠ target} z_v in float64 (0 at ignored positions)."""
+    from halo_ops.transform import LogitTransform
+
+    hidden, weight, bias = exact_in
+    z = LogitTransform(**case.transform).apply(torch.nn.functional.linear(hidden, weight, bias))
+    valid = targets != -100
+    target = targets.clamp(min=0).unsqueeze(-1)
+    picked = z.gather(-1, target).squeeze(-1)
+    others = z.scatter(-1, target, float("-inf")).amax(-1)
+    return torch.where(valid, picked - others, 0.0)
+
+
 def check_case(case: Case, impl: str, stats: bool = True):
     """Values, stats and every gradient of ``impl`` against fp64 ground truth, judged by plain PyTorch."""
     hidden, weight, bias, targets, upstream = case.inputs()
@@ -98,6 +116,11 @@ def check_case(case: Case, impl: str, stats: bool = True):
         assert fast.entropy.shape == targets.shape and not fast.entropy.requires_grad
         assert_close_to_exact(fast.entropy, plain.entropy, exact.entropy, case.dtype, "entropy")
         assert_close_to_exact(fast.mean_logit, plain.mean_logit, exact.mean_logit, case.dtype, "mean_logit")
+        assert_close_to_exact(fast.log_sum_sq_probs, plain.log_sum_sq_probs, exact.log_sum_sq_probs, case.dtype,
+                              "log_sum_sq_probs")
+        assert fast.is_top1.dtype == torch.bool
+        decisive = _top1_margin(exact_in, targets, case).abs() > TOP1_MARGIN[case.dtype]
+        assert torch.equal(fast.is_top1[decisive], exact.is_top1[decisive]), "is_top1"
     for name, g, p, e, x in zip(("hidden", "weight", "bias"), fast_grads, plain_grads, exact_grads,
                                 [t for t in (hidden, weight, bias) if t is not None]):
         assert g.dtype == x.dtype and g.shape == x.shape, name
@@ -119,7 +142,7 @@ def token_options(*, impl="triton", ignore_index=-100, logit_scale=1.0, softcap=
 
 
 def triton_forward(hidden, weight, bias, targets, options, **launch):
-    """The Triton forward launcher's partials, merged as the token op merges them: (logps, lse, entropy, mean_logit)."""
+    """The Triton forward launcher's partials, merged as the token op merges them: (logps, lse, TokenStats | None)."""
     from halo_ops.kernels import linear_logprobs_forward
     from halo_ops.partials import merge_partials
 

@@ -32,7 +32,9 @@ def entry(kernel="forward", arch="sm_90", dtype="bfloat16", hidden_bucket=4096, 
 
 
 def test_defaults_per_dtype_and_architecture():
-    assert kconfig.select_config("forward", torch.float32, 4096, 128256, None) == kconfig.FP32_CONFIG
+    forward_fp32 = kconfig.select_config("forward", torch.float32, 4096, 128256, None)
+    assert forward_fp32 == kconfig.FP32_KERNEL_CONFIGS["forward"] != kconfig.FP32_CONFIG  # one stage: no spill
+    assert kconfig.select_config("slab", torch.float32, 4096, 128256, None) == kconfig.FP32_CONFIG
     for dtype in (torch.bfloat16, torch.float16):
         for kernel in kconfig.KERNELS:
             assert kconfig.select_config(kernel, dtype, 4096, 128256, None) == kconfig.HALF_CONFIG
@@ -89,7 +91,7 @@ def test_launchers_take_each_kernels_config_from_the_table(tmp_path, monkeypatch
     targets = torch.randint(0, 70, (40,), generator=gen).to(device)
     grad = torch.randn(40, generator=gen).to(device)
     def run():
-        logps, lse, _, _ = triton_forward(hidden, weight, None, targets, token_options())
+        logps, lse, _ = triton_forward(hidden, weight, None, targets, token_options())
         atomic = linear_logprobs_backward(hidden, weight, None, targets, lse, grad, token_options(), (True, True, False))
         owned = linear_logprobs_backward(hidden, weight, None, targets, lse, grad, token_options(deterministic=True),
                                          (True, True, False))
@@ -158,7 +160,7 @@ def test_autotune_checks_and_times_every_candidate(autotune, kernel):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     broken = BlockConfig(block_n=16, block_v=24, block_d=12)  # not powers of two: tl.arange refuses them
     rows = autotune.tune(kernel, shape, device, [TUNED, broken], timer=fake_timer(TUNED))
-    assert [r["config"] for r in rows] == [kconfig.FP32_CONFIG, TUNED, broken]
+    assert [r["config"] for r in rows] == [kconfig.default_config(kernel, torch.float32, None), TUNED, broken]
     assert rows[0]["default"] and rows[0]["error"] < autotune.TOLERANCE[torch.float32]
     assert rows[1]["ms"] == 1.0 and rows[1]["error"] < autotune.TOLERANCE[torch.float32]
     assert rows[2]["ms"] is None and "failure" in rows[2]

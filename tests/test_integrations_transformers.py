@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from halo_ops.integrations.transformers import add_fused_lm_head  # noqa: E402
 
 KINDS = ["llama", "gemma2", "tied", "cohere", "mixtral"]
-OUTPUTS = ("log_probs", "entropy", "mean_logits")
+OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 def _batch():
@@ -29,7 +29,9 @@ def _full_logits_reference(model, ids, mask, labels, temperature=1.0):
     logp = logits.log_softmax(-1)
     picked = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
-    return picked * valid, entropy * valid, logits.mean(-1) * valid
+    log_sum_sq = torch.logsumexp(2 * logp, -1)
+    is_top1 = valid & (logits.argmax(-1) == targets)
+    return picked * valid, entropy * valid, log_sum_sq * valid, logits.mean(-1) * valid, is_top1
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -51,6 +53,9 @@ def test_matches_model_logits_and_trl_fused_head(kind):
         results.append((out, head.grad.clone(), backbone.grad.clone()))
     (a, head_a, bb_a), (b, head_b, bb_b) = results
     for field, ref in zip(OUTPUTS, reference):
+        if field == "is_top1":
+            assert torch.equal(a.is_top1, ref) and torch.equal(a.is_top1, b.is_top1)
+            continue
         torch.testing.assert_close(getattr(a, field).double(), ref, atol=2e-5, rtol=1e-5, msg=field)
         torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=2e-5, rtol=1e-5, msg=field)
     assert torch.equal(a.label_mask, b.label_mask)
@@ -112,8 +117,8 @@ def test_lora_added_after_the_head():
 
 
 def test_unsupported_output_is_an_error():
-    with pytest.raises(ValueError, match="is_top1"):
-        add_fused_lm_head(tiny_model("llama"), outputs=("log_probs", "is_top1"))
+    with pytest.raises(ValueError, match="top_k"):
+        add_fused_lm_head(tiny_model("llama"), outputs=("log_probs", "top_k"))
 
 
 def _fsdp2_worker(rank, init_file, out_dir):

@@ -27,23 +27,29 @@ def test_matches_trl_chunked_logprob(impl, options, with_bias):
     targets = torch.randint(0, vocab, (n_tokens,), generator=gen).to(DEVICE)
     upstream = torch.randn(n_tokens, generator=gen).to(DEVICE)
 
+    targets[::7] = torch.topk(torch.nn.functional.linear(hidden, weight, bias), 1).indices[::7, 0]  # argmax targets
+    fields = ("logps", "entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
+
     def grads_of(fn):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
-        logps, entropy, mean_logit = fn(*leaves)
-        grads = torch.autograd.grad((logps * upstream).sum(), leaves)
-        return (logps.detach(), entropy.detach(), mean_logit.detach()), grads
+        out = fn(*leaves)
+        grads = torch.autograd.grad((out[0] * upstream).sum(), leaves)
+        return tuple(x.detach() for x in out), grads
 
-    def ours(h, w, b=None):
-        return linear_logprobs(h, w, targets, b, impl=impl, return_stats=True, **options)
+    def ours(h, w, b=None):  # in TRL's order
+        out = linear_logprobs(h, w, targets, b, impl=impl, return_stats=True, **options)
+        return out.logps, out.entropy, out.log_sum_sq_probs, out.mean_logit, out.is_top1
 
     def trl(h, w, b=None):
-        logps, entropy, _, mean_logits, _ = trl_kernels.ChunkedLogProbFunction.apply(
+        return trl_kernels.ChunkedLogProbFunction.apply(
             h, w, b, targets, options.get("temperature", 1.0), 128, options.get("softcap"),
-            options.get("logit_scale", 1.0), ("entropy", "mean_logits"))
-        return logps, entropy, mean_logits
+            options.get("logit_scale", 1.0), ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
 
     (ours_out, ours_grads), (trl_out, trl_grads) = grads_of(ours), grads_of(trl)
-    for name, a, b in zip(("logps", "entropy", "mean_logit"), ours_out, trl_out):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=name)
+    for name, a, b in zip(fields, ours_out, trl_out):
+        if name == "is_top1":
+            assert torch.equal(a, b) and 0 < int(a.sum()) < len(a), name
+        else:
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     for a, b in zip(ours_grads, trl_grads):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
