@@ -151,7 +151,9 @@ def chunked_backward(hidden, weight, bias, targets, lse, grad_logps, options: To
                      needs: tuple[bool, bool, bool], slice_rows: int):
     """Accumulators of the gradients of ``Σ_t grad_logps[t] · logps[t]`` for (hidden, weight, bias).
 
-    ``grad_logps [N]`` is 0 at ignored positions; rows with a zero coefficient are skipped. Returns fp32
+    ``grad_logps [N]`` is 0 at ignored positions; rows with a zero coefficient are skipped. With an entropy
+    gradient it is the coefficient rows ``[3, N]`` = (g, a, b) of ``token_op.backward_accumulators``:
+    dL/dz = g · onehot − p · (a + b · z). Returns fp32
     (fp64 for fp64 inputs) accumulators, None where not needed; dW is already in the weight's dtype
     when it was built in slices (``slice_rows`` < V). With ``options.grad_filter_eps`` > 0, softmax
     probabilities below it count as 0, and on CPU a tile left all zero skips its GEMMs.
@@ -169,11 +171,12 @@ def chunked_backward(hidden, weight, bias, targets, lse, grad_logps, options: To
         shape = {"size": weight.shape, "device": weight.device}
         grad_w = torch.empty(**shape, dtype=weight.dtype) if sliced else torch.zeros(**shape, dtype=acc)
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if needs_b else None
-    rows = _active_rows(grad_logps != 0)
+    coefficients = grad_logps if grad_logps.dim() == 2 else grad_logps.unsqueeze(0)  # [1 or 3, N]
+    rows = _active_rows((coefficients[0] != 0) | (coefficients[-1] != 0))
     if rows is None:
-        h_all, t_all, g_all, lse_all = hidden, targets, grad_logps, lse
+        h_all, t_all, c_all, lse_all = hidden, targets, coefficients, lse
     else:
-        h_all, t_all, g_all, lse_all = hidden[rows], targets[rows], grad_logps[rows], lse[rows]
+        h_all, t_all, c_all, lse_all = hidden[rows], targets[rows], coefficients[:, rows], lse[rows]
 
     for s0 in range(0, vocab, slice_rows):
         s1 = min(s0 + slice_rows, vocab)
@@ -183,7 +186,8 @@ def chunked_backward(hidden, weight, bias, targets, lse, grad_logps, options: To
         for t0 in range(0, h_all.shape[0], TOKEN_CHUNK):
             h_c = h_all[t0 : t0 + TOKEN_CHUNK].to(acc)
             t_c = t_all[t0 : t0 + TOKEN_CHUNK]
-            g_c = g_all[t0 : t0 + TOKEN_CHUNK].to(acc)
+            c_c = c_all[:, t0 : t0 + TOKEN_CHUNK].to(acc)
+            g_c = c_c[0]
             lse_c = lse_all[t0 : t0 + TOKEN_CHUNK].to(acc)
             n = h_c.shape[0]
             gh_c = torch.zeros(n, dim, dtype=acc, device=hidden.device) if needs_h else None
@@ -191,12 +195,17 @@ def chunked_backward(hidden, weight, bias, targets, lse, grad_logps, options: To
             for v0 in range(s0, s1, vocab_chunk):
                 v1 = min(v0 + vocab_chunk, s1)
                 z, w_c = _project(h_c, weight[v0:v1], None if bias is None else bias[v0:v1], transform)
-                # dL/dz = g · (onehot − p): p in place, unless softcap's derivative still needs z
-                dz = torch.sub(z, lse_c.unsqueeze(1)) if transform.softcap is not None else z.sub_(lse_c.unsqueeze(1))
+                # dL/dz = g · onehot − p · c, c = g (or a + b · z): p in place, unless z is still needed (softcap's
+                # derivative, the entropy's gradient)
+                keep_z = transform.softcap is not None or c_c.shape[0] == 3
+                dz = torch.sub(z, lse_c.unsqueeze(1)) if keep_z else z.sub_(lse_c.unsqueeze(1))
                 dz.exp_()  # p
                 if eps > 0:
                     dz.masked_fill_(dz < eps, 0.0)
-                dz.mul_(-g_c.unsqueeze(1))
+                if c_c.shape[0] == 3:
+                    dz.mul_(-(c_c[1].unsqueeze(1) + c_c[2].unsqueeze(1) * z))
+                else:
+                    dz.mul_(-g_c.unsqueeze(1))
                 local = t_c - v0
                 in_tile = ((local >= 0) & (local < v1 - v0)).nonzero().squeeze(1)
                 dz.index_put_((arange[in_tile], local[in_tile]), g_c[in_tile], accumulate=True)

@@ -52,7 +52,7 @@ def linear_logprobs_reference(
     entropy = -(logsm.exp() * logsm).sum(-1)
     return ReferenceLogProbs(
         logps=reduce_last_dim(per_token, valid, reduction),
-        entropy=torch.where(valid, entropy, zero).detach(),
+        entropy=torch.where(valid, entropy, zero),  # differentiable, as the fast paths' entropy
         mean_logit=torch.where(valid, z.mean(-1), zero).detach(),
         log_sum_sq_probs=torch.where(valid, torch.logsumexp(2 * logsm, -1), zero).detach(),
         is_top1=valid & (z.argmax(-1) == targets),

@@ -76,17 +76,27 @@ def jacobian_grad(jacobian, targets, grad_logps, ignore_index: int):
     return grad.unsqueeze(1) * jacobian
 
 
-def backward_accumulators(options: TokenOptions, hidden, weight, bias, targets, lse, grad_logps, needs):
-    """Gradients of Σ_t grad_logps[t] · logp[t] for (hidden, weight, bias) as the backend leaves them (fp32, or fp64
-    for fp64 inputs; dW already in its dtype when built in slices); None where not needed.
+def backward_accumulators(options: TokenOptions, hidden, weight, bias, targets, lse, grad_logps, needs,
+                          grad_entropy=None, entropy=None):
+    """Gradients of Σ_t grad_logps[t] · logp[t] (+ grad_entropy[t] · H[t]) for (hidden, weight, bias) as the backend
+    leaves them (fp32, or fp64 for fp64 inputs; dW already in its dtype when built in slices); None where not needed.
 
-    ``grad_logps`` [N] may be None (no gradient: zeros); it is zeroed at ignored targets here.
+    ``grad_logps`` [N] may be None (no gradient: zeros); it is zeroed at ignored targets here. With
+    ``grad_entropy`` [N] (and the forward's ``entropy``), the entropy's gradient ∂H/∂z = −p (log p + H) joins in
+    the same recompute: the backends take coefficient rows (g, a, b) [3, N] and form
+    dL/dz = g · onehot − p · (a + b · z), with a = g + g_H (H − lse) and b = g_H.
     """
     needs = (needs[0], needs[1], needs[2] and bias is not None)
-    if grad_logps is None or hidden.shape[0] == 0:
+    if (grad_logps is None and grad_entropy is None) or hidden.shape[0] == 0:
         return tuple(torch.zeros_like(x) if need else None for x, need in zip((hidden, weight, bias), needs))
-    grad_logps = torch.where(targets != options.ignore_index, grad_logps, 0.0)
-    grad_logps = grad_logps.to(accumulation_dtype(hidden.dtype)).contiguous()
+    acc = accumulation_dtype(hidden.dtype)
+    valid = targets != options.ignore_index
+    grad_logps = torch.where(valid, grad_logps, 0.0).to(acc) if grad_logps is not None else lse.new_zeros(lse.shape)
+    if grad_entropy is not None:
+        grad_entropy = torch.where(valid, grad_entropy, 0.0).to(acc)
+        shift = torch.where(valid, entropy.to(acc) - lse, 0.0)  # H − lse; lse is +inf at ignored targets
+        grad_logps = torch.stack([grad_logps, grad_logps + grad_entropy * shift, grad_entropy])
+    grad_logps = grad_logps.contiguous()
     slice_rows = weight_slice_rows(*weight.shape, weight.dtype)
     # ZeRO-3 re-partitions the head after the forward; the recompute needs it whole again
     with torch.autocast(hidden.device.type, enabled=False), gathered(weight, bias):
@@ -97,9 +107,11 @@ def backward_accumulators(options: TokenOptions, hidden, weight, bias, targets, 
         return backend(hidden, weight, bias, targets, lse, grad_logps, options, needs, slice_rows=slice_rows)
 
 
-def backward_tokens(options: TokenOptions, hidden, weight, bias, targets, lse, grad_logps, needs):
+def backward_tokens(options: TokenOptions, hidden, weight, bias, targets, lse, grad_logps, needs, grad_entropy=None,
+                    entropy=None):
     """``backward_accumulators``' gradients in the inputs' dtypes; None where not needed."""
-    grads = backward_accumulators(options, hidden, weight, bias, targets, lse, grad_logps, needs)
+    grads = backward_accumulators(options, hidden, weight, bias, targets, lse, grad_logps, needs, grad_entropy,
+                                  entropy)
     return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, (hidden, weight, bias)))
 
 
@@ -125,57 +137,76 @@ def _(hidden, weight, bias, targets, options):
 
 @torch.library.custom_op("halo_ops::token_logprobs_backward", mutates_args=())
 def token_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
-                            grad_logps: Tensor, options: str, needs_hidden: bool, needs_weight: bool,
-                            needs_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for (hidden, weight, bias) of Σ_t grad_logps[t] · logp[t]; empty [0] where not needed."""
+                            grad_logps: Optional[Tensor], options: str, needs_hidden: bool, needs_weight: bool,
+                            needs_bias: bool, grad_entropy: Optional[Tensor] = None,
+                            entropy: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for (hidden, weight, bias) of Σ_t grad_logps[t] · logp[t] (+ grad_entropy[t] · H[t]); empty [0]
+    where not needed."""
     grads = backward_tokens(opts.decode(options), hidden, weight, bias, targets, lse, grad_logps,
-                            (needs_hidden, needs_weight, needs_bias))
+                            (needs_hidden, needs_weight, needs_bias), grad_entropy, entropy)
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @token_logprobs_backward.register_fake
-def _(hidden, weight, bias, targets, lse, grad_logps, options, needs_hidden, needs_weight, needs_bias):
+def _(hidden, weight, bias, targets, lse, grad_logps, options, needs_hidden, needs_weight, needs_bias,
+      grad_entropy=None, entropy=None):
     return (torch.empty_like(hidden) if needs_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if needs_weight else hidden.new_empty(0),
             torch.empty_like(bias) if needs_bias and bias is not None else hidden.new_empty(0))
 
 
-def projection_grads(hidden, weight, bias, targets, lse, grad_logps, options: str, needs) -> tuple:
-    """The autograd gradients for (hidden, weight, bias) of Σ_t grad_logps[t] · logp[t]: None where not needed.
+def projection_grads(hidden, weight, bias, targets, lse, grad_logps, options: str, needs, grad_entropy=None,
+                     entropy=None) -> tuple:
+    """The autograd gradients for (hidden, weight, bias) of Σ_t grad_logps[t] · logp[t] (+ grad_entropy[t] · H[t]):
+    None where not needed.
 
     The backward of every op built on the token op (the fused losses too) ends here.
     """
-    grads = token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logps, options, *needs)
+    grads = token_logprobs_backward(hidden, weight, bias, targets, lse, grad_logps, options, *needs, grad_entropy,
+                                    entropy)
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, options = inputs
+    decoded = opts.decode(options)
     ctx.options = options
     ctx.dtype = hidden.dtype
-    if opts.decode(options).save_jacobian:  # the backward scales the Jacobian: no recompute, nothing else kept
-        ctx.save_for_backward(None, None, None, targets, output[1], output[6])
-    else:
-        ctx.save_for_backward(hidden, weight, bias, targets, output[1], None)
+    entropy = output[2] if decoded.return_stats else None  # kept for its gradient
+    if decoded.save_jacobian and not decoded.return_stats:  # the backward only scales the Jacobian
+        ctx.save_for_backward(None, None, None, targets, output[1], output[6], None)
+    else:  # the entropy's gradient, if one comes, needs a recompute beside the Jacobian
+        ctx.save_for_backward(hidden, weight, bias, targets, output[1], output[6] if decoded.save_jacobian else None,
+                              entropy)
 
 
-def _backward(ctx, grad_logps, *_stat_grads):
-    hidden, weight, bias, targets, lse, jacobian = ctx.saved_tensors
-    if grad_logps is None:
-        grad_logps = torch.zeros_like(lse)
-    if jacobian is not None:
+def _backward(ctx, grad_logps, _grad_lse, grad_entropy, *_other_stat_grads):
+    hidden, weight, bias, targets, lse, jacobian, entropy = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    if grad_entropy is not None and grad_entropy.numel() == 0:
+        grad_entropy = None
+    if jacobian is None:
+        grads = projection_grads(hidden, weight, bias, targets, lse, grad_logps, ctx.options, needs, grad_entropy,
+                                 entropy)
+        return (*grads, None, None)
+    grad_h = None
+    if needs[0]:
+        grad_logps = torch.zeros_like(lse) if grad_logps is None else grad_logps
         grad_h = jacobian_grad(jacobian, targets, grad_logps, opts.decode(ctx.options).ignore_index)
-        return grad_h.to(ctx.dtype) if ctx.needs_input_grad[0] else None, None, None, None, None
-    grads = projection_grads(hidden, weight, bias, targets, lse, grad_logps, ctx.options, ctx.needs_input_grad[:3])
-    return (*grads, None, None)
+        if grad_entropy is not None:  # a frozen head whose entropy carries gradient: recompute that part
+            grad_h = grad_h + projection_grads(hidden, weight, bias, targets, lse, None, ctx.options,
+                                               (True, False, False), grad_entropy, entropy)[0]
+        grad_h = grad_h.to(ctx.dtype)
+    return grad_h, None, None, None, None
 
 
 _token_logprobs.register_autograd(_backward, setup_context=_setup_context)
 
 
 def token_logprobs(hidden, weight, bias, targets, options: TokenOptions):
-    """(logps [N], ``partials.TokenStats`` | None without ``options.return_stats``), differentiable in logps only."""
-    logps, _, *stats, _ = _token_logprobs(hidden, weight, bias, targets, opts.encode(options))
+    """(logps [N], ``partials.TokenStats`` | None without ``options.return_stats``), differentiable in logps and in
+    the entropy (the other statistics are detached)."""
+    logps, _, entropy, *stats, _ = _token_logprobs(hidden, weight, bias, targets, opts.encode(options))
     if not options.return_stats:
         return logps, None
-    return logps, TokenStats(*(stat.detach() for stat in stats))
+    return logps, TokenStats(entropy, *(stat.detach() for stat in stats))

@@ -115,7 +115,7 @@ def local_targets(targets, vocab_parallel: VocabParallel, ignore_index: int):
 
 
 class _VocabParallelTokens(torch.autograd.Function):
-    """(logps, *TokenStats) [N] on every rank from this rank's shard; differentiable in logps."""
+    """(logps, *TokenStats) [N] on every rank from this rank's shard; differentiable in logps and the entropy."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, options: TokenOptions, vocab_parallel: VocabParallel, vocab):
@@ -135,16 +135,18 @@ class _VocabParallelTokens(torch.autograd.Function):
             logps, lse, stats = merge_partials(torch.stack(pieces, 1), targets != options.ignore_index, vocab)
             stats = tuple(stats) if stats is not None else ()
         ctx.options, ctx.vocab_parallel = options, vocab_parallel
-        ctx.save_for_backward(hidden, weight, bias, local, lse)
-        for stat in stats:
+        ctx.set_materialize_grads(False)  # an entropy used for logging only brings no gradient term
+        ctx.save_for_backward(hidden, weight, bias, local, lse, stats[0] if stats else None)
+        for stat in stats[1:]:  # the entropy is differentiable, the other statistics are not
             ctx.mark_non_differentiable(stat)
         return (logps, *stats) if stats else logps
 
     @staticmethod
-    def backward(ctx, grad_logps, *_stat_grads):
-        hidden, weight, bias, local, lse = ctx.saved_tensors
+    def backward(ctx, grad_logps, grad_entropy=None, *_other_stat_grads):
+        hidden, weight, bias, local, lse, entropy = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
-        grads = backward_accumulators(ctx.options, hidden, weight, bias, local, lse, grad_logps, needs)
+        grads = backward_accumulators(ctx.options, hidden, weight, bias, local, lse, grad_logps, needs, grad_entropy,
+                                      entropy)
         grad_h, grad_w, grad_b = grads
         if needs[0]:
             torch.distributed.all_reduce(grad_h, group=ctx.vocab_parallel.group)  # Σ over the vocabulary's shards
@@ -156,7 +158,7 @@ class _VocabParallelTokens(torch.autograd.Function):
 def vocab_parallel_logprobs(hidden, weight, bias, targets, options: TokenOptions, vocab_parallel: VocabParallel,
                             vocab: int):
     """(logps [N], ``partials.TokenStats`` | None without statistics) of the full vocabulary from this rank's shard
-    ``weight`` [stop − start, D] (and ``bias``), ``targets`` [N] global ids; logps differentiable."""
+    ``weight`` [stop − start, D] (and ``bias``), ``targets`` [N] global ids; logps and the entropy differentiable."""
     if options.save_jacobian:
         options = dataclasses.replace(options, save_jacobian=False)
     out = _VocabParallelTokens.apply(hidden, weight, bias, targets, options, vocab_parallel, vocab)

@@ -64,8 +64,8 @@ def eager_gradients(hidden, weight, bias, targets, options, rows: int, chunk_coe
         lse, grad = chunk_coefficients(r0, r1, partials)
         dy = window(dlogits, r1 - r0, vocab) if half else y
         dlogits_from_slab_kernel[(triton.cdiv(r1 - r0, cfg.block_n), triton.cdiv(vocab, cfg.block_v))](
-            y, bias, t_c, lse.contiguous(), grad.contiguous(), dy, r1 - r0, vocab, y.stride(0), dy.stride(0),
-            filter_eps=eps, HAS_FILTER=eps > 0, **transform_args(options.transform),
+            y, bias, t_c, lse.contiguous(), grad.contiguous(), dy, r1 - r0, vocab, y.stride(0), dy.stride(0), 0,
+            filter_eps=eps, HAS_FILTER=eps > 0, HAS_ENTROPY_GRAD=False, **transform_args(options.transform),
             **launch_options(cfg, with_block_d=False),
         )
         if needs_h:

@@ -69,8 +69,8 @@ def logits_fold_kernel(
 @triton.jit
 def dlogits_from_slab_kernel(
     y_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, dy_ptr,
-    N, V, stride_y, stride_dy, logit_scale, softcap, temperature, inv_temperature, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr,
+    N, V, stride_y, stride_dy, stride_grad, logit_scale, softcap, temperature, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """dL/dy for one [BLOCK_N, BLOCK_V] tile of the projection slab, into the dL/dy slab."""
@@ -81,8 +81,9 @@ def dlogits_from_slab_kernel(
     m = m_n[:, None] & m_v[None, :]
     b_g = tl.load(grad_ptr + o_n, mask=m_n, other=0.0)
     b_y = load_projection(y_ptr, bias_ptr, o_n, m_n, o_v, m_v, stride_y, HAS_BIAS)
-    b_dz = dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, logit_scale, softcap,
-                                   temperature, inv_temperature, filter_eps, HAS_SOFTCAP, HAS_FILTER)
+    b_dz = dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, grad_ptr, stride_grad, o_n, m_n, o_v, m_v,
+                                   logit_scale, softcap, temperature, inv_temperature, filter_eps, HAS_SOFTCAP,
+                                   HAS_FILTER, HAS_ENTROPY_GRAD)
     p_dy = dy_ptr + o_n[:, None].to(tl.int64) * stride_dy + o_v[None, :]
     tl.store(p_dy, b_dz.to(dy_ptr.dtype.element_ty), mask=m)
 
@@ -166,8 +167,9 @@ def gemm_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs
     def write_dy(n0, n1, v0, v1, dy):
         y = projection_fp32(window(logits, n1 - n0, v1 - v0), hidden[n0:n1], weight[v0:v1])
         dlogits_from_slab_kernel[(triton.cdiv(n1 - n0, cfg.block_n), triton.cdiv(v1 - v0, cfg.block_v))](
-            y, None if bias is None else bias[v0:v1], targets[n0:n1] - v0, lse[n0:n1], grad_logps[n0:n1], dy,
-            n1 - n0, v1 - v0, y.stride(0), dy.stride(0), filter_eps=eps, HAS_FILTER=eps > 0,
+            y, None if bias is None else bias[v0:v1], targets[n0:n1] - v0, lse[n0:n1], grad_logps[..., n0:n1], dy,
+            n1 - n0, v1 - v0, y.stride(0), dy.stride(0), grad_logps.stride(0) if grad_logps.dim() == 2 else 0,
+            filter_eps=eps, HAS_FILTER=eps > 0, HAS_ENTROPY_GRAD=grad_logps.dim() == 2,
             **transform_args(options.transform), **launch_options(cfg, with_block_d=False),
         )
 

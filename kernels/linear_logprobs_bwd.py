@@ -23,7 +23,7 @@ import triton.language as tl
 from .config import BlockConfig, device_arch, dot_options, launch_options, select_config
 from . import gemm_schedule
 from . import slab_backward as slab
-from .tiles import dlogits_tile
+from .tiles import dlogits_tile, has_gradient
 from .transform import transform_args
 
 
@@ -81,9 +81,9 @@ def linear_logprobs_bwd_kernel(
     h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr,
     dh_ptr, dw_ptr, db_ptr,
     N, V, D,
-    stride_hn, stride_hd, stride_wv, stride_wd,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_grad,
     logit_scale, softcap, temperature, inv_temperature, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -93,13 +93,13 @@ def linear_logprobs_bwd_kernel(
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     b_g = tl.load(grad_ptr + o_n, mask=m_n, other=0.0)
-    if tl.max(tl.abs(b_g), axis=0) != 0.0:
+    if has_gradient(b_g, grad_ptr, stride_grad, o_n, m_n, HAS_ENTROPY_GRAD):
         o_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         m_v = o_v < V
         b_dz = dlogits_tile(
-            h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
+            h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, grad_ptr, stride_grad, o_n, m_n, o_v, m_v, D,
             stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
-            filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, HAS_ENTROPY_GRAD, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
         if tile_has_gradient(b_dz, HAS_FILTER):
             if COMPUTE_DB:
@@ -118,23 +118,23 @@ def linear_logprobs_bwd_kernel(
 def linear_logprobs_bwd_dh_kernel(
     h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, dh_ptr,
     N, V, D,
-    stride_hn, stride_hd, stride_wv, stride_wd,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_grad,
     logit_scale, softcap, temperature, inv_temperature, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, UPCAST_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Deterministic dH: one program per token block owns its dH rows and walks the vocabulary in order."""
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     b_g = tl.load(grad_ptr + o_n, mask=m_n, other=0.0)
-    if tl.max(tl.abs(b_g), axis=0) != 0.0:
+    if has_gradient(b_g, grad_ptr, stride_grad, o_n, m_n, HAS_ENTROPY_GRAD):
         for v0 in range(0, V, BLOCK_V):
             o_v = v0 + tl.arange(0, BLOCK_V)
             m_v = o_v < V
             b_dz = dlogits_tile(
-                h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
+                h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, grad_ptr, stride_grad, o_n, m_n, o_v, m_v, D,
                 stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
-                filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V,
+                filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, HAS_ENTROPY_GRAD, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V,
                 BLOCK_D,
             )
             if tile_has_gradient(b_dz, HAS_FILTER):
@@ -147,9 +147,9 @@ def linear_logprobs_bwd_dh_kernel(
 def linear_logprobs_bwd_dw_kernel(
     h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, dw_ptr, db_ptr,
     N, V, D,
-    stride_hn, stride_hd, stride_wv, stride_wd,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_grad,
     logit_scale, softcap, temperature, inv_temperature, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -162,11 +162,11 @@ def linear_logprobs_bwd_dw_kernel(
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < N
         b_g = tl.load(grad_ptr + o_n, mask=m_n, other=0.0)
-        if tl.max(tl.abs(b_g), axis=0) != 0.0:
+        if has_gradient(b_g, grad_ptr, stride_grad, o_n, m_n, HAS_ENTROPY_GRAD):
             b_dz = dlogits_tile(
-                h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
+                h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, grad_ptr, stride_grad, o_n, m_n, o_v, m_v, D,
                 stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
-                filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V,
+                filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, HAS_ENTROPY_GRAD, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V,
                 BLOCK_D,
             )
             b_db += tl.sum(b_dz, axis=0)
@@ -241,7 +241,9 @@ def linear_logprobs_backward(
                 hidden, weight[v0:v1], None if bias is None else bias[v0:v1], targets - v0 if v0 else targets,
                 lse, grad_logps, *outputs,
                 n_tokens, v1 - v0, dim, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                filter_eps=eps, HAS_FILTER=eps > 0, **transform_args(options.transform),
+                grad_logps.stride(0) if grad_logps.dim() == 2 else 0,
+                filter_eps=eps, HAS_FILTER=eps > 0, HAS_ENTROPY_GRAD=grad_logps.dim() == 2,
+                **transform_args(options.transform),
                 **dot_options(hidden.dtype), **launch_options(cfg), **flags,
             )
 

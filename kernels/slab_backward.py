@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .config import device_arch, dot_options, launch_options, select_config
-from .tiles import dlogits_tile, grouped_program
+from .tiles import dlogits_tile, grouped_program, has_gradient
 from .transform import transform_args
 
 SLAB_BYTES = 1 << 27  # 128 MiB of dL/dy: 4096 bf16 columns at 16384 tokens
@@ -38,9 +38,9 @@ GROUP_N = 8
 def dlogits_slab_kernel(
     h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, slab_ptr,
     N, V, D,
-    stride_hn, stride_hd, stride_wv, stride_wd, stride_slab,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_slab, stride_grad,
     logit_scale, softcap, temperature, inv_temperature, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
     UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -52,11 +52,12 @@ def dlogits_slab_kernel(
     p_slab = slab_ptr + o_n[:, None].to(tl.int64) * stride_slab + o_v[None, :]
     m_slab = m_n[:, None] & m_v[None, :]
     b_g = tl.load(grad_ptr + o_n, mask=m_n, other=0.0)
-    if tl.max(tl.abs(b_g), axis=0) != 0.0:
+    if has_gradient(b_g, grad_ptr, stride_grad, o_n, m_n, HAS_ENTROPY_GRAD):
         b_dz = dlogits_tile(
-            h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
+            h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, grad_ptr, stride_grad, o_n, m_n, o_v, m_v, D,
             stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature,
-            filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            filter_eps, HAS_BIAS, HAS_SOFTCAP, HAS_FILTER, HAS_ENTROPY_GRAD, UPCAST_BF16, INPUT_PRECISION, BLOCK_N,
+            BLOCK_V, BLOCK_D,
         )
         tl.store(p_slab, b_dz.to(slab_ptr.dtype.element_ty), mask=m_slab)
     else:  # a block of rows without gradient (prompts, padding): its recompute is skipped
@@ -167,10 +168,10 @@ def slab_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs
         grid = (triton.cdiv(n1 - n0, cfg.block_n) * triton.cdiv(v1 - v0, cfg.block_v),)
         dlogits_slab_kernel[grid](
             hidden[n0:n1], weight[v0:v1], None if bias is None else bias[v0:v1], targets[n0:n1] - v0, lse[n0:n1],
-            grad_logps[n0:n1], dy,
+            grad_logps[..., n0:n1], dy,
             n1 - n0, v1 - v0, dim, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            dy.stride(0),
-            filter_eps=eps, HAS_FILTER=eps > 0, GROUP_N=GROUP_N, **transform_args(options.transform),
+            dy.stride(0), grad_logps.stride(0) if grad_logps.dim() == 2 else 0,
+            filter_eps=eps, HAS_FILTER=eps > 0, HAS_ENTROPY_GRAD=grad_logps.dim() == 2, GROUP_N=GROUP_N, **transform_args(options.transform),
             **dot_options(hidden.dtype), **launch_options(cfg),
         )
 

@@ -42,26 +42,41 @@ def projection_tile(
 
 
 @triton.jit
+def has_gradient(b_g, grad_ptr, stride_grad, o_n, m_n, HAS_ENTROPY_GRAD: tl.constexpr):
+    """True unless every row of the block has a zero coefficient (ignored tokens, forward-only rows): the
+    block's recompute is then skipped. ``grad_ptr`` holds [1 or 3, N] per-row coefficients (``dlogits_tile``)."""
+    b_any = tl.max(tl.abs(b_g), axis=0)
+    if HAS_ENTROPY_GRAD:
+        b_any += tl.max(tl.abs(tl.load(grad_ptr + 2 * stride_grad + o_n, mask=m_n, other=0.0)), axis=0)
+    return b_any != 0.0
+
+
+@triton.jit
 def dlogits_tile(
-    h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, D,
+    h_ptr, w_ptr, bias_ptr, targets_ptr, lse_ptr, b_g, grad_ptr, stride_grad, o_n, m_n, o_v, m_v, D,
     stride_hn, stride_hd, stride_wv, stride_wd, logit_scale, softcap, temperature, inv_temperature, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, UPCAST_BF16: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """dL/dy for one [BLOCK_N, BLOCK_V] tile: g · (onehot − p) · dz/dy with p = exp(z − lse), 0 outside the
-    problem; with HAS_FILTER, p < filter_eps is taken as 0 (gradient filtering)."""
+    """dL/dy for one [BLOCK_N, BLOCK_V] tile, 0 outside the problem: ``(g · onehot − p · c) · dz/dy`` with
+    p = exp(z − lse), where c = g, or with HAS_ENTROPY_GRAD (an entropy gradient g_H, ∂H/∂z = −p (log p + H))
+    c = a + b · z from the coefficient rows ``grad_ptr`` [3, N] = (g, a = g + g_H (H − lse), b = g_H);
+    ``b_g`` is row 0. With HAS_FILTER, p < filter_eps is taken as 0 (gradient filtering)."""
     b_y = projection_tile(
         h_ptr, w_ptr, bias_ptr, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
         HAS_BIAS, UPCAST_BF16, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
-    return dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, logit_scale, softcap,
-                                   temperature, inv_temperature, filter_eps, HAS_SOFTCAP, HAS_FILTER)
+    return dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, grad_ptr, stride_grad, o_n, m_n, o_v, m_v,
+                                   logit_scale, softcap, temperature, inv_temperature, filter_eps, HAS_SOFTCAP,
+                                   HAS_FILTER, HAS_ENTROPY_GRAD)
 
 
 @triton.jit
-def dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, logit_scale, softcap, temperature,
-                            inv_temperature, filter_eps, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr):
-    """dL/dy from a tile of the raw projection y (bias included), however it was computed."""
+def dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, grad_ptr, stride_grad, o_n, m_n, o_v, m_v, logit_scale,
+                            softcap, temperature, inv_temperature, filter_eps, HAS_SOFTCAP: tl.constexpr,
+                            HAS_FILTER: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr):
+    """dL/dy from a tile of the raw projection y (bias included), however it was computed (see ``dlogits_tile``)."""
     b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
     b_lse = tl.load(lse_ptr + o_n, mask=m_n, other=float("inf"))
     b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
@@ -69,7 +84,12 @@ def dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, o_n, m_n, o_v, m_v, 
     b_p = tl.exp(b_z - b_lse[:, None])
     if HAS_FILTER:
         b_p = tl.where(b_p >= filter_eps, b_p, 0.0)
-    b_dz = b_g[:, None] * (b_onehot - b_p)
+    if HAS_ENTROPY_GRAD:
+        b_a = tl.load(grad_ptr + stride_grad + o_n, mask=m_n, other=0.0)
+        b_b = tl.load(grad_ptr + 2 * stride_grad + o_n, mask=m_n, other=0.0)
+        b_dz = b_g[:, None] * b_onehot - b_p * (b_a[:, None] + b_b[:, None] * b_z)
+    else:
+        b_dz = b_g[:, None] * (b_onehot - b_p)
     b_dz = b_dz * logit_transform_grad(b_z, logit_scale, softcap, temperature, inv_temperature, HAS_SOFTCAP)
     return tl.where(m_n[:, None] & m_v[None, :], b_dz, 0.0)
 

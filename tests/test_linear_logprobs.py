@@ -478,3 +478,29 @@ def test_frozen_head_jacobian_matches_recompute_and_fp64(impl, dtype, option, mo
     (plain_grad,) = torch.autograd.grad((plain * upstream).sum(), [plain_leaf])
     assert fast_grad.dtype == hidden.dtype
     assert_close_to_exact(fast_grad, plain_grad, exact_grad, dtype, "dhidden (Jacobian)")
+
+
+@pytest.mark.parametrize("impl, schedule", [("torch", "auto"), *(("triton", s) for s in SCHEDULES)])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen_head"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_entropy_is_differentiable(impl, schedule, frozen, dtype):
+    """The entropy from return_stats=True carries its gradient ∂H/∂z = −p (log p + H) through the same recompute
+    (and, for a frozen head, beside the Jacobian): Σ u·logp + w·H against fp64 autograd on every schedule."""
+    case = Case(dtype=dtype, bias=True, softcap=3.0, temperature=0.8)
+    hidden, weight, bias, targets, upstream = case.inputs()
+    entropy_upstream = torch.linspace(-1.0, 2.0, upstream.numel()).view(upstream.shape).to(DEVICE)
+
+    def gradients(fn, tensors):
+        leaves = [t.clone().requires_grad_(not (frozen and i > 0)) for i, t in enumerate(tensors)]
+        out = fn(*leaves)
+        loss = (out.logps * upstream.to(out.logps.dtype) + out.entropy * entropy_upstream.to(out.logps.dtype)).sum()
+        return torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])
+
+    options = {} if impl == "torch" else {"schedule": schedule}
+    fast = gradients(lambda h, w, b: linear_logprobs(h, w, targets, b, impl=impl, return_stats=True,
+                                                     **case.transform, **options), (hidden, weight, bias))
+    reference = lambda h, w, b: linear_logprobs_reference(h, w, targets, b, **case.transform)  # noqa: E731
+    plain = gradients(reference, (hidden, weight, bias))
+    exact = gradients(reference, (hidden.double(), weight.double(), bias.double()))
+    for name, g, p, e in zip(("hidden", "weight", "bias"), fast, plain, exact):
+        assert_close_to_exact(g, p, e, dtype, f"d{name}")

@@ -26,14 +26,15 @@ def test_matches_trl_chunked_logprob(impl, options, with_bias):
     bias = (torch.randn(vocab, generator=gen) * 0.3).to(DEVICE) if with_bias else None
     targets = torch.randint(0, vocab, (n_tokens,), generator=gen).to(DEVICE)
     upstream = torch.randn(n_tokens, generator=gen).to(DEVICE)
+    entropy_upstream = torch.randn(n_tokens, generator=gen).to(DEVICE)
 
     targets[::7] = torch.topk(torch.nn.functional.linear(hidden, weight, bias), 1).indices[::7, 0]  # argmax targets
     fields = ("logps", "entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
 
     def grads_of(fn):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
-        out = fn(*leaves)
-        grads = torch.autograd.grad((out[0] * upstream).sum(), leaves)
+        out = fn(*leaves)  # the entropy carries gradient too, as GRPO's entropy bonus needs
+        grads = torch.autograd.grad((out[0] * upstream + out[1] * entropy_upstream).sum(), leaves)
         return tuple(x.detach() for x in out), grads
 
     def ours(h, w, b=None):  # in TRL's order

@@ -31,6 +31,8 @@ def _data(dtype, bias: bool):
     targets[:, :3] = -100
     targets[torch.rand(BATCH, SEQ, generator=gen) < 0.2] = -100
     upstream = torch.randn(BATCH, SEQ, generator=gen, dtype=torch.float64)
+    argmax = (hidden @ weight.t() + (0 if bias_t is None else bias_t)).argmax(-1)
+    targets[:, 5::3] = argmax[:, 5::3]  # some targets are the argmax: is_top1 has True entries, on several ranks
     kto = {"labels": torch.tensor([True, False, True]), "ref_logps": torch.randn(BATCH, generator=gen,
                                                                                  dtype=torch.float64) - 25.0}
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
@@ -43,14 +45,15 @@ def _run(hidden, weight, bias, targets, upstream, kto, impl, options, vocab_para
     leaves = [None if t is None else t.clone().requires_grad_() for t in (hidden, weight, bias)]
     out = linear_logprobs(leaves[0], leaves[1], targets, leaves[2], impl=impl, return_stats=True,
                           vocab_parallel=vocab_parallel, **transform)
-    (out.logps * upstream).sum().backward()
+    (out.logps * upstream + out.entropy * upstream.flip(-1)).sum().backward()  # the entropy carries gradient too
     grads = [None if t is None else t.grad for t in leaves]
     kto_leaves = [None if t is None else t.clone().requires_grad_() for t in (hidden, weight, bias)]
     loss = fused_linear_kto_loss(kto_leaves[0], kto_leaves[1], targets, kto["labels"], kto["ref_logps"].to(hidden.dtype),
                                  bias=kto_leaves[2], kl=0.2, beta=0.5, impl=impl, vocab_parallel=vocab_parallel,
                                  **transform)
     loss.loss.backward()
-    return {"logps": out.logps.detach(), "entropy": out.entropy, "mean_logit": out.mean_logit, "grads": grads,
+    return {"logps": out.logps.detach(), "entropy": out.entropy.detach(), "mean_logit": out.mean_logit,
+            "log_sum_sq_probs": out.log_sum_sq_probs, "is_top1": out.is_top1, "grads": grads,
             "kto_loss": loss.loss.detach(), "kto_metrics": loss.metrics,
             "kto_grads": [None if t is None else t.grad for t in kto_leaves]}
 
@@ -86,8 +89,9 @@ def test_every_rank_equals_the_unsharded_head(world, impl, tmp_path):
         tight = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 2e-5}
         for rank, got in enumerate(r[name] for r in ranks):
             rows = slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
-            for key in ("logps", "entropy", "mean_logit", "kto_loss"):
+            for key in ("logps", "entropy", "mean_logit", "log_sum_sq_probs", "kto_loss"):
                 torch.testing.assert_close(got[key], whole[key], **tight, msg=f"{name} rank {rank} {key}")
+            assert torch.equal(got["is_top1"], whole["is_top1"]) and got["is_top1"].any()
             for key in ("logps/chosen", "rewards/margins", "entropy", "logits/rejected"):
                 torch.testing.assert_close(got["kto_metrics"][key], whole["kto_metrics"][key], equal_nan=True, **tight)
             for grads in ("grads", "kto_grads"):
