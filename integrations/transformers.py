@@ -108,7 +108,7 @@ def _load_balancing_loss(backbone_outputs, text_config, kwargs):
 
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
-                      outputs: tuple[str, ...] = ("log_probs",)) -> None:
+                      outputs: tuple[str, ...] = ("log_probs",), *, impl: str = "auto") -> None:
     """Patch ``model.forward`` so ``model(..., labels=labels, fused_lm_head=True)`` scores labels without logits.
 
     The same signature and call forms as TRL 1.16's ``trl.trainer.utils.add_fused_lm_head``.
@@ -119,8 +119,10 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         cast_lm_head_to_fp32: run the head's projection in float32, outside autocast.
         outputs: per-token fields to compute, among ``"log_probs"``, ``"entropy"``, ``"log_sum_sq_probs"``
             (log Σ_v p_v²), ``"mean_logits"`` and ``"is_top1"`` (the label is the argmax), all from the same
-            pass over the vocabulary; ``log_probs`` (and ``loss``) always are. The statistics carry no
+            pass over the vocabulary; ``log_probs`` (and ``loss``) always are. ``entropy`` is differentiable,
+            as TRL's is (GRPO's entropy bonus backpropagates through it); the other statistics carry no
             gradient.
+        impl: beyond TRL's arguments, the backend, as :func:`halo_ops.linear_logprobs` takes it.
 
     MoE models whose config sets ``output_router_logits`` get TRL's ``aux_loss`` (the load-balancing
     loss) and, in log-prob mode, ``loss`` includes ``router_aux_loss_coef · aux_loss``.
@@ -171,12 +173,13 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
                 weight, bias = weight.float(), None if bias is None else bias.float()
             if kto is not None:
                 kto = dict(kto)
+                kto.setdefault("impl", impl)
                 kto_out = fused_linear_kto_loss(hidden, weight, targets, kto.pop("labels"), kto.pop("ref_logps"),
                                                 bias=bias, temperature=temperature, **transform, **kto)
                 # The KTO loss alone: a trainer adds router_aux_loss_coef · aux_loss itself, as TRL's does
                 return FusedCausalLMOutput(loss=kto_out.loss, label_mask=mask, aux_loss=aux_loss, kto=kto_out)
             out = linear_logprobs(hidden, weight, targets, bias, temperature=temperature, return_stats=return_stats,
-                                  **transform)
+                                  impl=impl, **transform)
         log_probs = out.logps if return_stats else out
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / denominator

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ._tiny_models import char_tokenizer, tiny_model
+from .conftest import IMPLS
 
 transformers = pytest.importorskip("transformers")
 from halo_ops.integrations.transformers import add_fused_lm_head  # noqa: E402
@@ -34,20 +35,23 @@ def _full_logits_reference(model, ids, mask, labels, temperature=1.0):
     return picked * valid, entropy * valid, log_sum_sq * valid, logits.mean(-1) * valid, is_top1
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_matches_model_logits_and_trl_fused_head(kind):
+def test_matches_model_logits_and_trl_fused_head(kind, impl):
+    """Every field TRL's head computes, against the model's own logits and TRL's add_fused_lm_head, on both paths;
+    the loss backpropagates through log_probs and the entropy (GRPO's entropy bonus), head and backbone."""
     from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
 
     ids, mask, labels = _batch()
     ours, theirs = tiny_model(kind), None
     theirs = copy.deepcopy(ours)
     reference = _full_logits_reference(copy.deepcopy(ours), ids, mask, labels)
-    add_fused_lm_head(ours, outputs=OUTPUTS)
+    add_fused_lm_head(ours, outputs=OUTPUTS, impl=impl)
     trl_add_fused_lm_head(theirs, outputs=OUTPUTS)
     results = []
     for model in (ours, theirs):
         out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
-        out.loss.backward()
+        (out.loss - 0.3 * (out.entropy * out.label_mask).sum() / out.label_mask.sum()).backward()
         head = model.get_output_embeddings().weight
         backbone = model.base_model.layers[0].self_attn.q_proj.weight
         results.append((out, head.grad.clone(), backbone.grad.clone()))
@@ -65,6 +69,23 @@ def test_matches_model_logits_and_trl_fused_head(kind):
         torch.testing.assert_close(a.aux_loss, b.aux_loss)
     torch.testing.assert_close(head_a, head_b, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(bb_a, bb_b, atol=1e-7, rtol=1e-4)
+
+
+def test_trl_call_forms_temperature_positional_and_fp32_head():
+    """TRL's signature: add_fused_lm_head(model, temperature, cast_lm_head_to_fp32, outputs); under bf16 autocast the
+    fp32 head gives the fp32 model's numbers, as TRL's does."""
+    from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+
+    ids, mask, labels = _batch()
+    ours = tiny_model("llama")
+    theirs = copy.deepcopy(ours)
+    add_fused_lm_head(ours, 0.7, True, ("log_probs", "entropy"))
+    trl_add_fused_lm_head(theirs, 0.7, True, ("log_probs", "entropy"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = (m(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True) for m in (ours, theirs))
+    assert a.log_probs.dtype == torch.float32
+    torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.entropy, b.entropy, atol=1e-5, rtol=1e-5)
 
 
 def test_temperature():
