@@ -196,4 +196,5 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             label_mask=mask,
         )
 
+    fused_forward.halo_ops_fused_head = True  # (functools.wraps gave it the model's name and module)
     model.forward = types.MethodType(fused_forward, model)

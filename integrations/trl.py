@@ -1,6 +1,16 @@
-"""TRL's KTOTrainer on halo-ops: ``HaloKTOTrainer`` (a drop-in subclass) and ``patch_kto_trainer``.
+"""TRL's trainers on halo-ops: ``HaloKTOTrainer``, ``HaloDPOTrainer``, ``HaloSFTTrainer``, ``HaloGRPOTrainer``,
+``HaloRLOOTrainer`` (drop-in subclasses: same constructors and configs) and ``patch_trainer``.
 
-    from halo_ops.integrations.trl import HaloKTOTrainer   # instead of trl.KTOTrainer; same arguments
+    from halo_ops.integrations.trl import HaloDPOTrainer   # instead of trl.DPOTrainer; same arguments
+
+TRL 1.16's DPO, SFT, GRPO and RLOO trainers call ``trl.trainer.utils.add_fused_lm_head`` in their constructors
+and then ``model(..., fused_lm_head=True)``. Their halo-ops forms run TRL's constructor with
+:func:`halo_ops.integrations.transformers.add_fused_lm_head` in its place, called with TRL's own arguments
+(temperature, ``cast_lm_head_to_fp32``, the output fields), so the head is halo-ops' and every other line is
+TRL's: each ``loss_type``, SFT's losses and GRPO's and RLOO's options keep TRL's semantics, and the entropy
+stays differentiable for GRPO's entropy bonus.
+
+KTO:
 
 The loss runs on :func:`halo_ops.fused_linear_kto_loss` inside the policy's forward (forward and
 backward); the reference model and the KL pairs go through :func:`halo_ops.linear_logprobs` under
@@ -13,10 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import warnings
 
 import torch
-from trl import KTOTrainer
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RLOOTrainer, SFTTrainer
 
 from .. import kto_kl
 from .transformers import add_fused_lm_head
@@ -165,4 +176,69 @@ def patch_kto_trainer(trainer: KTOTrainer) -> KTOTrainer:
     if not isinstance(trainer, HaloKTOTrainer):
         _patch_models(trainer)
         trainer.__class__ = type(f"Halo{type(trainer).__name__}", (HaloKTOTrainer, type(trainer)), {})
+    return trainer
+
+
+@contextlib.contextmanager
+def _halo_head_in(module_name: str):
+    """While the block runs, the trainer module's ``add_fused_lm_head`` is halo-ops' (called with TRL's arguments)."""
+    module = importlib.import_module(module_name)
+    trl_head = module.add_fused_lm_head
+    module.add_fused_lm_head = add_fused_lm_head
+    try:
+        yield
+    finally:
+        module.add_fused_lm_head = trl_head
+
+
+def _halo_trainer(trl_class):
+    """``trl_class`` with halo-ops' fused LM head: the same constructor, TRL's own code for everything else."""
+
+    @functools.wraps(trl_class.__init__)  # TRL's signature, for users and tools that inspect it
+    def __init__(self, *args, **kwargs):
+        with _halo_head_in(trl_class.__module__):
+            trl_class.__init__(self, *args, **kwargs)
+
+    name = f"Halo{trl_class.__name__}"
+    doc = f"``trl.{trl_class.__name__}`` with halo-ops' fused LM head. Same constructor and config."
+    return type(name, (trl_class,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+HaloDPOTrainer = _halo_trainer(DPOTrainer)
+HaloSFTTrainer = _halo_trainer(SFTTrainer)
+HaloGRPOTrainer = _halo_trainer(GRPOTrainer)
+HaloRLOOTrainer = _halo_trainer(RLOOTrainer)
+_HALO_CLASSES = {DPOTrainer: HaloDPOTrainer, SFTTrainer: HaloSFTTrainer, GRPOTrainer: HaloGRPOTrainer,
+                 RLOOTrainer: HaloRLOOTrainer}
+
+
+def _trl_head_arguments(model) -> dict:
+    """The arguments TRL's ``add_fused_lm_head`` was called with on ``model``, read from its patched forward."""
+    fused = getattr(model, "_original_forward", model.forward)  # under accelerate's autocast wrapper, TRL's forward
+    fn = getattr(fused, "__func__", fused)
+    cells = dict(zip(fn.__code__.co_freevars, (cell.cell_contents for cell in fn.__closure__ or ())))
+    if "original_forward" not in cells or "outputs" not in cells:
+        raise TypeError(f"{type(model).__name__} has no TRL fused LM head to replace (was the trainer built by TRL "
+                        "1.16 or later?)")
+    return {"temperature": cells.get("temperature", 1.0),
+            "cast_lm_head_to_fp32": cells.get("cast_lm_head_to_fp32", False), "outputs": cells["outputs"]}
+
+
+def patch_trainer(trainer):
+    """Switch an already built TRL trainer that uses the fused LM head (KTO, DPO, SFT, GRPO, RLOO) to halo-ops', in
+    place, with the head arguments TRL chose; returns it."""
+    if isinstance(trainer, KTOTrainer):
+        return patch_kto_trainer(trainer)
+    base = next((cls for cls in _HALO_CLASSES if isinstance(trainer, cls)), None)
+    if base is None:
+        raise TypeError(f"patch_trainer takes a TRL KTO, DPO, SFT, GRPO or RLOO trainer, got {type(trainer).__name__}")
+    if isinstance(trainer, _HALO_CLASSES[base]):
+        return trainer
+    policy = trainer.model.get_base_model() if _is_peft(trainer.model) else trainer.model
+    models = [trainer.accelerator.unwrap_model(policy)]
+    if getattr(trainer, "ref_model", None) is not None:
+        models.append(trainer.accelerator.unwrap_model(trainer.ref_model))
+    for model in models:
+        _add_head(trainer, model, **_trl_head_arguments(model))
+    trainer.__class__ = type(f"Halo{type(trainer).__name__}", (_HALO_CLASSES[base], type(trainer)), {})
     return trainer
