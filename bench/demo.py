@@ -6,8 +6,9 @@ beyond the inputs, time, and how far apart the results are.
 
 Part 2, a KTO fine-tune: a tiny Llama with a 32000-entry head learns from the desirable and
 undesirable arithmetic answers in ``bench/data/kto_arithmetic.jsonl``, once with halo-ops'
-``HaloKTOTrainer`` and once with TRL's own ``KTOTrainer`` on the same seeds. Prints the loss and
-reward curves of both, their time and peak memory, and saves a plot.
+``HaloKTOTrainer`` and once with TRL's own ``KTOTrainer`` on the same seeds. Part 3, the same with DPO
+(``HaloDPOTrainer`` against ``DPOTrainer``) on pairs built from the desirable answers. Prints the loss
+and reward curves of each, their time and peak memory, and saves one plot of both fine-tunes.
 """
 
 from __future__ import annotations
@@ -78,29 +79,51 @@ def lm_head_step(args) -> None:
         print(f"relative ‖Δ grad {name}‖ = {rel:.2e}")
 
 
-def kto_finetune(args) -> None:
-    import copy
+def _datasets():
+    """The KTO rows of ``bench/data/kto_arithmetic.jsonl``, and DPO pairs built from its desirable rows (the correct
+    answer chosen, the answer plus one rejected)."""
     import json
+
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in open(DATA)]
+    kto = Dataset.from_dict({key: [row[key] for row in rows] for key in rows[0]})
+    good = [row for row in rows if row["label"]]
+    dpo = Dataset.from_dict({"prompt": [row["prompt"] for row in good],
+                             "chosen": [row["completion"] for row in good],
+                             "rejected": [f" {int(row['completion']) + 1}" for row in good]})
+    return kto, dpo
+
+
+def finetune(args, method: str) -> dict:
+    """``method`` ("kto" or "dpo"): the same tiny Llama fine-tuned by halo-ops' trainer and by TRL's, same seeds.
+    Prints the curves side by side, time and peak memory; returns the runs for the plot."""
+    import copy
     import tempfile
     import warnings
 
     import trl
-    from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
 
-    from halo_ops.integrations.trl import HaloKTOTrainer
+    from halo_ops.integrations.trl import HaloDPOTrainer, HaloKTOTrainer
 
     from .tiny import char_tokenizer, tiny_model
 
-    rows = [json.loads(line) for line in open(DATA)]
-    dataset = Dataset.from_dict({key: [row[key] for row in rows] for key in rows[0]})
+    kto_data, dpo_data = _datasets()
+    dataset = kto_data if method == "kto" else dpo_data
     policy = tiny_model("llama", seed=0, vocab_size=args.vocab, hidden_size=64)
-    print(f"\nKTO fine-tune: {len(rows)} examples ({sum(r['label'] for r in rows)} desirable), tiny Llama with "
-          f"V={args.vocab}, {args.steps} steps of {args.kto_batch}; same seeds for both trainers\n")
+    print(f"\n{method.upper()} fine-tune: {len(dataset)} examples, tiny Llama with V={args.vocab}, {args.steps} steps "
+          f"of {args.kto_batch}; same seeds for both trainers\n")
+    scratch = tempfile.mkdtemp(prefix=f"halo-{method}-demo-")  # the trainers' output_dir; nothing is saved there
+    config_class = trl.KTOConfig if method == "kto" else trl.DPOConfig
+    trainers = {"halo-ops": HaloKTOTrainer if method == "kto" else HaloDPOTrainer,
+                "trl": trl.KTOTrainer if method == "kto" else trl.DPOTrainer}
+
     def build(cls, steps):
-        config = trl.KTOConfig(output_dir=scratch, per_device_train_batch_size=args.kto_batch,
-                               max_steps=steps, learning_rate=args.lr, beta=0.5, logging_steps=1, report_to=[],
-                               save_strategy="no", bf16=False, use_cpu=args.device == "cpu", disable_tqdm=True, seed=0)
+        config = config_class(output_dir=scratch, per_device_train_batch_size=args.kto_batch, max_steps=steps,
+                              learning_rate=args.lr, beta=0.5 if method == "kto" else 0.1, logging_steps=1,
+                              report_to=[], save_strategy="no", bf16=False, use_cpu=args.device == "cpu",
+                              disable_tqdm=True, seed=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer = cls(model=copy.deepcopy(policy), ref_model=copy.deepcopy(policy), args=config,
@@ -108,8 +131,6 @@ def kto_finetune(args) -> None:
         trainer.remove_callback(PrinterCallback)  # the curves are printed below, side by side
         return trainer
 
-    scratch = tempfile.mkdtemp(prefix="halo-kto-demo-")  # the trainers' output_dir; nothing is saved there
-    trainers = {"halo-ops": HaloKTOTrainer, "trl": trl.KTOTrainer}
     runs = {}
     for name, cls in trainers.items():
         trainer = build(cls, args.steps)
@@ -135,12 +156,11 @@ def kto_finetune(args) -> None:
         print(f"{name:10s}{run['seconds']:15.1f}{run['peak'] / 2**20:10.0f}")
     print(f"(seconds: the {args.steps}-step runs above; peak: a 3-step run of each, model, optimizer and data "
           "included; part 1 isolates the LM head)")
-    plot = _plot(runs, args.out / "kto_demo.png")
-    if plot:
-        print(f"\nplot: {plot}")
+    return runs
 
 
-def _plot(runs, path):
+def _plot(results, path):
+    """Loss and reward curves of each fine-tune (``results``: method → runs), halo-ops and TRL on the same axes."""
     try:
         import matplotlib
 
@@ -149,18 +169,19 @@ def _plot(runs, path):
     except ImportError:
         print("\n(matplotlib is not installed: no plot)")
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(len(results), 2, figsize=(10, 4 * len(results)), squeeze=False)
     styles = {"halo-ops": {"linestyle": "-", "linewidth": 2.5, "alpha": 0.6}, "trl": {"linestyle": "--", "linewidth": 1}}
-    for name, run in runs.items():
-        steps = [row["step"] for row in run["log"]]
-        axes[0].plot(steps, [row["loss"] for row in run["log"]], label=name, color="C0", **styles[name])
-        for side, color in (("chosen", "C2"), ("rejected", "C3")):
-            axes[1].plot(steps, [row.get(f"rewards/{side}", float("nan")) for row in run["log"]], color=color,
-                         label=f"{name} {side}", **styles[name])
-    axes[0].set(title="KTO loss", xlabel="step")
-    axes[1].set(title="rewards (β · log-ratio)", xlabel="step")
-    for ax in axes:
-        ax.legend()
+    for row, (method, runs) in zip(axes, results.items()):
+        for name, run in runs.items():
+            steps = [entry["step"] for entry in run["log"]]
+            row[0].plot(steps, [entry["loss"] for entry in run["log"]], label=name, color="C0", **styles[name])
+            for side, color in (("chosen", "C2"), ("rejected", "C3")):
+                row[1].plot(steps, [entry.get(f"rewards/{side}", float("nan")) for entry in run["log"]], color=color,
+                            label=f"{name} {side}", **styles[name])
+        row[0].set(title=f"{method.upper()} loss", xlabel="step")
+        row[1].set(title=f"{method.upper()} rewards (β · log-ratio)", xlabel="step")
+        for ax in row:
+            ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -179,12 +200,15 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="part 2: learning rate")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where the plot goes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--part", choices=["all", "lm-head", "kto"], default="all")
+    parser.add_argument("--part", choices=["all", "lm-head", "kto", "dpo"], default="all")
     args = parser.parse_args(argv)
     if args.part in ("all", "lm-head"):
         lm_head_step(args)
-    if args.part in ("all", "kto"):
-        kto_finetune(args)
+    results = {method: finetune(args, method) for method in ("kto", "dpo") if args.part in ("all", method)}
+    if results:
+        plot = _plot(results, args.out / "demo.png")
+        if plot:
+            print(f"\nplot: {plot}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ def test_demo_runs(tmp_path, capsys):
     demo.main(["--batch", "2", "--seq", "16", "--hidden", "16", "--vocab", "500", "--steps", "2", "--kto-batch", "4",
                "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "memory: halo-ops uses" in out and "train seconds" in out
-    assert (tmp_path / "kto_demo.png").exists()
+    assert "memory: halo-ops uses" in out and "KTO fine-tune" in out and "DPO fine-tune" in out
+    assert (tmp_path / "demo.png").exists()
 
 
 def test_floor_counts_gemms_at_the_measured_rate(tmp_path, capsys):
