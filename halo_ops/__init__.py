@@ -6,6 +6,7 @@ Public API (README.md has the details):
     kto_kl(policy_kl_logps, ref_kl_logps, *, process_group=None)  the reference point z0
     fused_linear_kto_loss(hidden, weight, targets, labels, ref_logps, *, ...)  KTO from hidden states
     FusedLinearKTOLoss(**options)  the nn.Module form
+    fused_linear_preference_loss(hidden, weight, targets, *, method, ...)  DPO, SimPO, CPO, ORPO from hidden states
     resolve_impl(impl, device, dtype)  which backend impl="auto" (or a named one) runs here
     VocabParallel(start, stop, group=None, vocab=None)  a tensor-parallel rank's rows of the head
 
@@ -38,6 +39,7 @@ sequence in reduction.py; the plain full-logits reference in reference.py.
 """
 
 from .fused_kto import FusedLinearKTOLoss, fused_linear_kto_loss
+from .fused_preference import PreferenceOutput, fused_linear_preference_loss
 from .inputs import resolve_impl
 from .linear_logprobs import LinearLogProbs, linear_logprobs
 from .losses.kto import KTOOutput, kto_kl, kto_loss
@@ -48,8 +50,10 @@ __all__ = [
     "FusedLinearKTOLoss",
     "KTOOutput",
     "LinearLogProbs",
+    "PreferenceOutput",
     "VocabParallel",
     "fused_linear_kto_loss",
+    "fused_linear_preference_loss",
     "kto_kl",
     "kto_loss",
     "linear_logprobs",

@@ -41,15 +41,18 @@ def eager_sequences_per_chunk(seq: int, vocab: int, dtype: torch.dtype, impl: st
     return eager_budget(device) // max(1, seq * eager_row_bytes(impl, vocab, dtype))
 
 
-def eager_forward(hidden, weight, bias, targets, options: TokenOptions, seq: int, token_coefficients, needs):
+def eager_forward(hidden, weight, bias, targets, options: TokenOptions, seq: int, token_coefficients, needs,
+                  group: int = 1):
     """The token op's forward and the gradients of a sequence-level loss in the same pass.
 
     ``token_coefficients(logps [b, T], first_sequence) -> [b, T]`` gives dloss/dlogp_t for a chunk of b whole
-    sequences of T = ``seq`` tokens from their per-token log-probs. Returns (logps, lse, stats) as
-    ``token_op.forward_tokens`` does, and the gradients (dH [N, D], dW [V, D], db [V]) of the loss in
-    the accumulation dtype, None where ``needs`` says no.
+    sequences of T = ``seq`` tokens from their per-token log-probs; b is a multiple of ``group`` (2 for a
+    paired loss whose pairs are adjacent). Returns (logps, lse, stats) as ``token_op.forward_tokens`` does,
+    and the gradients (dH [N, D], dW [V, D], db [V]) of the loss in the accumulation dtype, None where
+    ``needs`` says no.
     """
     per_chunk = eager_sequences_per_chunk(seq, weight.shape[0], hidden.dtype, options.impl, hidden.device)
+    per_chunk = per_chunk // group * group
     if per_chunk < 1:
         raise ValueError(f"a sequence of {seq} tokens does not fit the eager chunk ({eager_budget(hidden.device)} "
                          "bytes)")

@@ -12,9 +12,9 @@ completions first, and return
     loss, (chosen_logps [B], rejected_logps [B], chosen_logits_mean, rejected_logits_mean, nll_loss, *aux)
 
 with ``aux`` the method's rewards (and for ORPO the mean log σ(log odds ratio) and mean log odds ratio).
-The per-token log-probs come from :func:`halo_ops.linear_logprobs` in one call over the 2B sequences, the
-loss from ``halo_ops.losses.preference`` in PyTorch, so the backward is one projection backward with one
-coefficient per token. The logits means run over every position and vocabulary entry, in closed form
+They run on :func:`halo_ops.fused_linear_preference_loss`: one pass over the 2B sequences, the loss from
+``halo_ops.losses.preference`` in PyTorch, and, when a backward follows, the gradients formed in the forward
+(the eager schedule, three GEMMs). The logits means run over every position and vocabulary entry, in closed form
 (Σ_v h·W_v + b_v = h·ΣW + Σb). Differences: ``loss_type="ipo"`` works here (Liger raises), length-normalized
 as TRL does; a sequence with no scored token has an averaged log-prob of 0 here, NaN in Liger.
 
@@ -42,8 +42,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import fused_linear_kto_loss, linear_logprobs
-from ..losses.preference import check_dpo_options, cpo_losses, dpo_losses, orpo_losses, simpo_losses
+from .. import fused_linear_kto_loss, fused_linear_preference_loss, linear_logprobs
+from ..losses.preference import check_dpo_options
 
 
 def _logits_sums(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
@@ -130,52 +130,40 @@ def liger_fused_linear_kto(_input, weight, target, preference_labels, bias=None,
     return module(_input, weight, target, bias, preference_labels, ref_input, ref_weight, ref_bias, kl)
 
 
-def _sequence_logps(token_logps, mask, average: bool):
-    """[2B, T] per-token log-probs (0 where masked) → [2B] sums or means over the scored tokens."""
-    total = token_logps.sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
-
-
 def _paired_loss(method, _input, weight, target, bias, *, ignore_index, alpha, compute_nll_loss, average_log_prob,
-                 nll_target=None, reference=None, impl="auto", needs_counts=False):
-    """The paired losses' common body (see the module docstring). ``method(chosen, rejected, **extra)`` returns the
-    per-pair losses and its aux values; ``reference``: (ref_input, ref_weight, ref_bias) or None."""
+                 nll_target=None, reference=None, impl="auto", **method_options):
+    """The paired losses' common body (see the module docstring), on :func:`halo_ops.fused_linear_preference_loss`
+    (its eager schedule when a backward follows). ``reference``: (ref_input, ref_weight, ref_bias) or None."""
     if _input.dim() != 3 or target.shape != _input.shape[:2] or target.shape[0] % 2:
         raise ValueError(f"_input must be [2B, T, D] and target [2B, T] (chosen first), got {tuple(_input.shape)} and "
                          f"{tuple(target.shape)}")
     half = target.shape[0] // 2
-    mask = target != ignore_index
-    token_logps = linear_logprobs(_input, weight, target, bias, ignore_index=ignore_index, impl=impl)
-    logps = _sequence_logps(token_logps, mask, average_log_prob)
-    extra = {}
+    refs = {}
     if reference is not None:
         with torch.no_grad():
-            ref_tokens = linear_logprobs(*reference[:2], target, reference[2], ignore_index=ignore_index, impl=impl)
-            ref_logps = _sequence_logps(ref_tokens, mask, average_log_prob)
-        extra = {"ref_chosen_logps": ref_logps[:half], "ref_rejected_logps": ref_logps[half:]}
-    if needs_counts:
-        counts = mask.sum(-1).to(logps.dtype)
-        extra.update(chosen_counts=counts[:half], rejected_counts=counts[half:])
-    losses, *aux = method(logps[:half], logps[half:], **extra)
-    loss = losses.sum() / max(half, 1)
-    nll_loss = loss.new_zeros(())
-    if compute_nll_loss:
-        if nll_target is None:
-            nll_sum, nll_count = token_logps[:half].sum(), mask[:half].sum()
-        else:
-            nll_tokens = linear_logprobs(_input[:half], weight, nll_target[:half], bias, ignore_index=ignore_index,
-                                         impl=impl)
-            nll_sum, nll_count = nll_tokens.sum(), (nll_target[:half] != ignore_index).sum()
-        nll_loss = -nll_sum / nll_count
-        loss = loss + alpha * nll_loss
+            ref_logps = linear_logprobs(*reference[:2], target, reference[2], ignore_index=ignore_index,
+                                        reduction="mean" if average_log_prob else "sum", impl=impl)
+        refs = {"ref_chosen_logps": ref_logps[:half], "ref_rejected_logps": ref_logps[half:]}
+    # An NLL target of its own needs its own log-probs: then the NLL term is a second, composed call
+    nll_inside = compute_nll_loss and nll_target is None
+    out = fused_linear_preference_loss(_input, weight, target, method=method, bias=bias, ignore_index=ignore_index,
+                                       average_log_prob=average_log_prob, nll_weight=alpha if nll_inside else 0.0,
+                                       impl=impl, **refs, **method_options)
+    loss, nll_loss = out.loss, out.nll_loss
+    if compute_nll_loss and not nll_inside:
+        nll_tokens = linear_logprobs(_input[:half], weight, nll_target[:half], bias, ignore_index=ignore_index,
+                                     impl=impl)
+        nll = -nll_tokens.sum() / (nll_target[:half] != ignore_index).sum()
+        loss, nll_loss = loss + alpha * nll, nll.detach()
     with torch.no_grad():  # Σ over positions and vocabulary of the raw logits, in closed form
         per_sequence = _input.float().sum(1) @ weight.float().sum(0)
         if bias is not None:
             per_sequence = per_sequence + _input.shape[1] * bias.float().sum()
         scale = half * _input.shape[1] * weight.shape[0]
         logits_means = (per_sequence[:half].sum() / scale, per_sequence[half:].sum() / scale)
-    return loss, (logps[:half].detach(), logps[half:].detach(), *logits_means, nll_loss.detach(),
-                  *(a.detach() for a in aux))
+    aux = tuple(a.sum() / max(half, 1) for a in out.aux)  # ORPO: the means of log σ(log odds ratio) and the ratio
+    return loss, (out.chosen_logps, out.rejected_logps, *logits_means, nll_loss, out.chosen_rewards,
+                  out.rejected_rewards, *aux)
 
 
 class LigerFusedLinearDPOLoss(nn.Module):
@@ -199,13 +187,10 @@ class LigerFusedLinearDPOLoss(nn.Module):
                 raise ValueError("use_ref_model=True needs ref_input and ref_weight")
             reference = (ref_input, ref_weight, ref_bias)
 
-        def method(chosen, rejected, **extra):
-            return dpo_losses(chosen, rejected, beta=self.beta, loss_type=self.loss_type,
-                              label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau, **extra)
-
-        return _paired_loss(method, _input, lin_weight, target, bias, ignore_index=self.ignore_index, alpha=self.alpha,
+        return _paired_loss("dpo", _input, lin_weight, target, bias, ignore_index=self.ignore_index, alpha=self.alpha,
                             compute_nll_loss=self.compute_nll_loss, average_log_prob=self.average_log_prob,
-                            reference=reference, impl=self.impl, needs_counts=self.loss_type == "ipo")
+                            reference=reference, impl=self.impl, beta=self.beta, loss_type=self.loss_type,
+                            label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau)
 
 
 class LigerFusedLinearORPOLoss(nn.Module):
@@ -218,14 +203,9 @@ class LigerFusedLinearORPOLoss(nn.Module):
         self.compiled, self.chunk_size, self.impl = compiled, chunk_size, impl
 
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
-        def method(chosen, rejected):
-            losses, chosen_rewards, rejected_rewards, ratio, log_odds = orpo_losses(chosen, rejected, beta=self.beta)
-            half = max(chosen.shape[0], 1)
-            return losses, chosen_rewards, rejected_rewards, ratio.sum() / half, log_odds.sum() / half
-
-        return _paired_loss(method, _input, lin_weight, target, bias, ignore_index=self.ignore_index, alpha=1.0,
+        return _paired_loss("orpo", _input, lin_weight, target, bias, ignore_index=self.ignore_index, alpha=1.0,
                             compute_nll_loss=self.compute_nll_loss, average_log_prob=True, nll_target=nll_target,
-                            impl=self.impl)
+                            impl=self.impl, beta=self.beta)
 
 
 class LigerFusedLinearCPOLoss(nn.Module):
@@ -240,12 +220,9 @@ class LigerFusedLinearCPOLoss(nn.Module):
         self.chunk_size, self.impl = chunk_size, impl
 
     def forward(self, lin_weight, _input, target, bias=None):
-        def method(chosen, rejected):
-            return cpo_losses(chosen, rejected, beta=self.beta, label_smoothing=self.label_smoothing)
-
-        return _paired_loss(method, _input, lin_weight, target, bias, ignore_index=self.ignore_index, alpha=self.alpha,
+        return _paired_loss("cpo", _input, lin_weight, target, bias, ignore_index=self.ignore_index, alpha=self.alpha,
                             compute_nll_loss=self.compute_nll_loss, average_log_prob=self.average_log_prob,
-                            impl=self.impl)
+                            impl=self.impl, beta=self.beta, label_smoothing=self.label_smoothing)
 
 
 class LigerFusedLinearSimPOLoss(nn.Module):
@@ -260,12 +237,9 @@ class LigerFusedLinearSimPOLoss(nn.Module):
         self.impl = impl
 
     def forward(self, lin_weight, _input, target, bias=None):
-        def method(chosen, rejected):
-            return simpo_losses(chosen, rejected, beta=self.beta, gamma=self.gamma,
-                                label_smoothing=self.label_smoothing)
-
-        return _paired_loss(method, _input, lin_weight, target, bias, ignore_index=self.ignore_index, alpha=self.alpha,
-                            compute_nll_loss=self.compute_nll_loss, average_log_prob=True, impl=self.impl)
+        return _paired_loss("simpo", _input, lin_weight, target, bias, ignore_index=self.ignore_index, alpha=self.alpha,
+                            compute_nll_loss=self.compute_nll_loss, average_log_prob=True, impl=self.impl,
+                            beta=self.beta, gamma=self.gamma, label_smoothing=self.label_smoothing)
 
 
 def liger_fused_linear_dpo(_input, weight, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
