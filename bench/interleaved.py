@@ -4,7 +4,8 @@ On a shared or small CPU the machine's speed drifts within a run (one competing 
 threefold here). Timing each variant once per round, in turn, exposes every variant to the same drift, so
 their ratios hold even when the absolute times move. The order rotates from round to round: a fixed order
 made one variant 1.24× slower than another that it measured 1.03× of when it ran first. Variants: the frozen head (Jacobian and recompute)
-against a trainable head, and the fused KTO op (recompute and eager) against the composed public pieces.
+against a trainable head, the fused KTO op (recompute and eager) against the composed public pieces, the fused
+DPO loss (eager and recompute), and the chunked log-probs against plain PyTorch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from halo_ops import fused_linear_kto_loss, kto_loss, linear_logprobs
+from halo_ops import fused_linear_kto_loss, fused_linear_preference_loss, kto_loss, linear_logprobs
 
 from .kto_step import KTOShape
 
@@ -55,6 +56,22 @@ def _kto_variants(shape: KTOShape):
             "fused (eager, no token metrics)": lambda: fused(False, False)}
 
 
+def _dpo_variants(shape: KTOShape):
+    """The fused DPO loss on the batch's sequences as pairs (first half chosen): eager against recompute."""
+    x = shape.inputs("cpu")
+    pairs = x["hidden"].shape[0] // 2
+    with torch.no_grad():
+        ref = linear_logprobs(x["ref_hidden"], x["ref_weight"], x["targets"], reduction="sum", impl="torch")
+
+    def run(recompute):
+        h, w = x["hidden"].detach().clone().requires_grad_(), x["weight"].detach().clone().requires_grad_()
+        fused_linear_preference_loss(h, w, x["targets"], method="dpo", ref_chosen_logps=ref[:pairs],
+                                     ref_rejected_logps=ref[pairs:], impl="torch", recompute=recompute,
+                                     check_targets=False).loss.backward()
+
+    return {"dpo (recompute)": lambda: run(True), "dpo (eager)": lambda: run(None)}
+
+
 def _logprob_variants(shape: KTOShape):
     """Per-token log-probs, forward and backward: the chunked path against plain PyTorch (full logits)."""
     from .providers import plain_logprobs
@@ -89,7 +106,7 @@ def interleaved(variants: dict, rounds: int) -> dict[str, list[float]]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.interleaved", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("frozen-head", "kto-loss", "logprobs"))
+    parser.add_argument("which", choices=("frozen-head", "kto-loss", "dpo-loss", "logprobs"))
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -99,8 +116,8 @@ def main(argv=None) -> None:
                         help="run one competing busy process (a spinning Python loop) during the measurement")
     args = parser.parse_args(argv)
     shape = KTOShape(args.tokens // args.seq, args.seq, args.hidden, args.vocab, torch.float32)
-    variants = {"frozen-head": _token_variants, "kto-loss": _kto_variants, "logprobs": _logprob_variants}[args.which](
-        shape)
+    variants = {"frozen-head": _token_variants, "kto-loss": _kto_variants, "dpo-loss": _dpo_variants,
+                "logprobs": _logprob_variants}[args.which](shape)
     competitor = None
     if args.compete:
         import subprocess
