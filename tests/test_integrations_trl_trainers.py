@@ -111,8 +111,9 @@ def test_sft_matches_trl(kind, tmp_path):
     _assert_same(theirs, _one_batch(trainer))
 
 
-@pytest.mark.parametrize("name", ["dpo", "sft", "grpo", "rloo"])
-def test_a_few_steps_log_what_trl_logs(name, tmp_path):
+@pytest.mark.parametrize("name, kind", [("dpo", "llama"), ("sft", "llama"), ("grpo", "llama"), ("grpo", "gemma2"),
+                                        ("rloo", "llama")])
+def test_a_few_steps_log_what_trl_logs(name, kind, tmp_path):
     """Two optimizer steps (GRPO and RLOO: with generation and a toy reward): the same logged losses and metric
     names as TRL's own trainer (generation draws the same samples from the same seed)."""
     # GRPO's entropy bonus: the entropy's gradient; RLOO with beta=0 (a reference model would be loaded by name)
@@ -121,7 +122,7 @@ def test_a_few_steps_log_what_trl_logs(name, tmp_path):
     for cls in (getattr(trl, f"{name.upper() if name != 'sft' else 'SFT'}Trainer"),
                 getattr(halo_trl, f"Halo{name.upper() if name != 'sft' else 'SFT'}Trainer")):
         torch.manual_seed(0)
-        trainer = _build(name, cls, tmp_path, **overrides)
+        trainer = _build(name, cls, tmp_path, kind, **overrides)
         _quiet(trainer.train)
         histories.append([row for row in trainer.state.log_history if "loss" in row])
     theirs, ours = histories
