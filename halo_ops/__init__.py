@@ -30,12 +30,17 @@ How a call reaches a kernel (one way down: integrations → halo_ops → kernels
       token_op.projection_grads with the per-sequence coefficients. When a backward will follow,
       eager.eager_forward (chunked.chunked_eager or kernels.eager_gradients) forms the gradients
       in the forward instead, chunk by chunk of whole sequences, and the backward only scales them.
+    fused_linear_preference_loss (fused_preference.py): the paired losses of losses/preference.py on the
+      same eager_forward (pairs side by side), or composed with linear_logprobs under autograd.
+    vocab_parallel= or a DTensor head (vocab_parallel.py): token_op.token_partials on this rank's rows,
+      one all_gather of combined partials, partials.merge_partials; its backward all-reduces dH.
 
 Where each formula lives: the logit transform in transform.py (PyTorch) and kernels/transform.py
 (Triton); the logsumexp/entropy merge in partials.py (the Triton forward folds its tiles with the
 same formula online); the KTO loss and its coefficient in losses/kto.py (PyTorch) and
-kernels/kto_sequence.py (Triton); the dW slice budget in token_op.py; the reductions over a
-sequence in reduction.py; the plain full-logits reference in reference.py.
+kernels/kto_sequence.py (Triton); DPO, SimPO, CPO and ORPO in losses/preference.py; the entropy's
+gradient in kernels/tiles.py (dlogits_from_projection) and chunked.py; the dW slice budget in token_op.py;
+the reductions over a sequence in reduction.py; the plain full-logits reference in reference.py.
 """
 
 from .fused_kto import FusedLinearKTOLoss, fused_linear_kto_loss
