@@ -24,6 +24,7 @@ from .losses.kto import (
     KTOOutput,
     as_bool_labels,
     check_kto_options,
+    kto_loss,
     kto_terms,
     metric_sums,
     metrics_from_sums,
@@ -94,21 +95,19 @@ def _eager_forward(token, kto: KTOOptions, hidden, weight, bias, targets, ref_lo
 
 
 def _composed_kto(token_logps, stats, valid, labels, ref_logps, z0, weights, average) -> KTOOutput:
-    """The fused op's outputs composed in PyTorch autograd from per-token log-probs ``[B, T]`` (differentiable)
-    and their statistics (None without token metrics): the vocabulary-parallel path."""
-    batch = token_logps.shape[0]
+    """:func:`kto_loss` on per-token log-probs ``[B, T]`` (differentiable) and their statistics (None without token
+    metrics), with the fused op's detached fields: the vocabulary-parallel path."""
     counts = valid.sum(-1).to(token_logps.dtype)
     total = token_logps.sum(-1)
-    policy_logps = total / counts.clamp(min=1) if average else total
-    losses, _, rewards = kto_terms(policy_logps, ref_logps.to(token_logps.dtype), labels, z0.to(token_logps.dtype),
-                                   *weights)
-    token_stats = ()
+    token_stats = {}
     if stats is not None:
-        token_stats = (stats.mean_logit.view(batch, -1).sum(-1), counts, stats.entropy.view(batch, -1).sum(-1))
-    sums = metric_sums(losses, policy_logps, rewards, labels, *token_stats)
-    return KTOOutput(loss=losses.sum() / max(batch, 1), losses=losses.detach(), kl=z0,
-                     policy_logps=policy_logps.detach(), rewards=rewards.detach(), labels=labels,
-                     metrics=metrics_from_sums(sums, z0, with_token_stats=bool(token_stats)))
+        token_stats = {"logit_sums": stats.mean_logit.view_as(token_logps).sum(-1), "token_counts": counts,
+                       "entropy_sums": stats.entropy.view_as(token_logps).sum(-1)}
+    out = kto_loss(total / counts.clamp(min=1) if average else total, ref_logps.to(token_logps.dtype), labels,
+                   kl=z0.to(token_logps.dtype), beta=weights[0], desirable_weight=weights[1],
+                   undesirable_weight=weights[2], **token_stats)
+    return dataclasses.replace(out, kl=z0, losses=out.losses.detach(), policy_logps=out.policy_logps.detach(),
+                               rewards=out.rewards.detach())
 
 
 @torch.library.custom_op("halo_ops::fused_linear_kto", mutates_args=())

@@ -35,7 +35,7 @@ def weight_slice_rows(vocab: int, dim: int, weight_dtype: torch.dtype) -> int:
 
 
 def token_partials(options: TokenOptions, hidden, weight, bias, targets):
-    """The backend's per-piece partials [3 or 5, K, N] (``halo_ops.partials``) in the accumulation dtype, and the
+    """The backend's per-piece partials [3 or 7, K, N] (``halo_ops.partials``) in the accumulation dtype, and the
     Jacobian d logp_t / d h_t [N, D] with ``options.save_jacobian``, else None. Autocast is off inside; N > 0."""
     jacobian = None
     with torch.autocast(hidden.device.type, enabled=False):
@@ -172,6 +172,7 @@ def _setup_context(ctx, inputs, output):
     decoded = opts.decode(options)
     ctx.options = options
     ctx.dtype = hidden.dtype
+    ctx.set_materialize_grads(False)  # an unused entropy must bring None, not zeros that the backward would carry
     entropy = output[2] if decoded.return_stats else None  # kept for its gradient
     if decoded.save_jacobian and not decoded.return_stats:  # the backward only scales the Jacobian
         ctx.save_for_backward(None, None, None, targets, output[1], output[6], None)

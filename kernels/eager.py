@@ -39,7 +39,7 @@ def eager_gradients(hidden, weight, bias, targets, options, rows: int, chunk_coe
     """fp32 (dH [N, D], dW [V, D], db [V]) of Σ_t g_t · logp_t, None where ``needs`` says no, formed chunk by chunk.
 
     ``rows``: tokens per chunk (whole sequences). ``chunk_coefficients(r0, r1, partials) -> (lse, g)``, both
-    [r1 − r0] fp32, is called once per chunk with the chunk's partials [3 or 5, S, r1 − r0]
+    [r1 − r0] fp32, is called once per chunk with the chunk's partials [3 or 7, S, r1 − r0]
     (``halo_ops.partials``); ``g`` is 0 at ignored targets. ``options``: a ``halo_ops.options.TokenOptions``
     (transform, return_stats, grad_filter_eps).
     """

@@ -37,6 +37,24 @@ def load_projection(y_ptr, bias_ptr, o_n, m_n, o_v, m_v, stride_y, HAS_BIAS: tl.
     return b_y
 
 
+@triton.jit
+def fold_slab_columns(y_ptr, bias_ptr, b_target, o_n, m_n, v_lo, v_hi, stride_y, logit_scale, softcap,
+                      inv_temperature, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                      RETURN_STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The seven running partials of ``fold_tile`` for BLOCK_N rows of a projection slab over its columns
+    [v_lo, v_hi), tile by tile (bias and logit transform applied)."""
+    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = empty_fold(BLOCK_N)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < v_hi
+        b_y = load_projection(y_ptr, bias_ptr, o_n, m_n, o_v, m_v, stride_y, HAS_BIAS)
+        b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+        b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = fold_tile(
+            b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp,
+            b_max_before, RETURN_STATS)
+    return b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before
+
+
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
 @triton.jit
 def logits_fold_kernel(
@@ -53,14 +71,9 @@ def logits_fold_kernel(
     pid_s = tl.program_id(1)
     m_n = o_n < N
     b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
-    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = empty_fold(BLOCK_N)
-    for v0 in range(pid_s * split_v, tl.minimum((pid_s + 1) * split_v, V), BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_y = load_projection(y_ptr, bias_ptr, o_n, m_n, o_v, m_v, stride_y, HAS_BIAS)
-        b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-        b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = fold_tile(
-            b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
+    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = fold_slab_columns(
+        y_ptr, bias_ptr, b_target, o_n, m_n, pid_s * split_v, tl.minimum((pid_s + 1) * split_v, V), stride_y,
+        logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP, RETURN_STATS, BLOCK_N, BLOCK_V)
     store_partials(partials_ptr, stride_kind, pid_s.to(tl.int64) * N + o_n, m_n, b_max, b_sum_exp, b_target_logit,
                    b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
 
@@ -147,7 +160,8 @@ def fold_logits(y, bias, targets, options, config, *, out=None, split_v=None) ->
         out = torch.empty((partial_kinds(options.return_stats), pieces, n), dtype=torch.float32, device=y.device)
     assert out.shape[1] == pieces and out.stride(2) == 1 and (pieces == 1 or out.stride(1) == n)
     logits_fold_kernel[(triton.cdiv(n, config.block_n), pieces)](
-        y, bias, targets, out, out.stride(0), n, vocab, y.stride(0), split_v, RETURN_STATS=options.return_stats, **transform_args(options.transform),
+        y, bias, targets, out, out.stride(0), n, vocab, y.stride(0), split_v, RETURN_STATS=options.return_stats,
+        **transform_args(options.transform),
         **launch_options(config, with_block_d=False),
     )
     return out

@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 
 from .config import device_arch, launch_options, select_config
-from .gemm_schedule import load_projection, projection_fp32
+from .gemm_schedule import fold_slab_columns, load_projection, projection_fp32
 from .slab_backward import add_product_fp32, slab_shape, window
-from .tiles import empty_fold, fold_tile, partial_kinds, store_partials
+from .tiles import partial_kinds, store_partials
 from .transform import logit_transform, logit_transform_grad, transform_args
 
 
@@ -55,14 +55,9 @@ def jacobian_weights_kernel(
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
-    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = empty_fold(BLOCK_N)
-    for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_y = load_projection(y_ptr, bias_ptr, o_n, m_n, o_v, m_v, stride_y, HAS_BIAS)
-        b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-        b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = fold_tile(
-            b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
+    b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = fold_slab_columns(
+        y_ptr, bias_ptr, b_target, o_n, m_n, 0, V, stride_y, logit_scale, softcap, inv_temperature, HAS_BIAS,
+        HAS_SOFTCAP, RETURN_STATS, BLOCK_N, BLOCK_V)
     store_partials(partials_ptr, stride_kind, o_n, m_n, b_max, b_sum_exp, b_target_logit, b_centered_sum,
                    b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
     b_old = tl.load(running_max_ptr + o_n, mask=m_n, other=0.0)

@@ -77,7 +77,7 @@ def test_same_constructor_and_forward_signature_as_liger():
 
 
 # The paired losses: DPO (every loss type Liger has), ORPO, CPO, SimPO, modules and functional forms
-from halo_ops.integrations import liger as ours  # noqa: E402
+from halo_ops.integrations import liger as halo_liger  # noqa: E402
 
 liger_functional = pytest.importorskip("liger_kernel.chunked_loss.functional")
 DPO_TYPES = ["sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
@@ -117,7 +117,7 @@ def test_dpo_loss_types_match_liger(impl, loss_type):
         return lambda leaves, target, ref: module(leaves[1], leaves[0], target, leaves[2], *ref)
 
     _compare(run(liger_kto.LigerFusedLinearDPOLoss(compiled=False, **options)),
-             run(ours.LigerFusedLinearDPOLoss(impl=impl, **options)))
+             run(halo_liger.LigerFusedLinearDPOLoss(impl=impl, **options)))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -131,7 +131,7 @@ def test_dpo_options_match_liger(impl, use_ref_model, average_log_prob, compute_
         return lambda leaves, target, ref: module(leaves[1], leaves[0], target, leaves[2], *ref)
 
     _compare(run(liger_kto.LigerFusedLinearDPOLoss(compiled=False, **options)),
-             run(ours.LigerFusedLinearDPOLoss(impl=impl, **options)), with_bias=with_bias)
+             run(halo_liger.LigerFusedLinearDPOLoss(impl=impl, **options)), with_bias=with_bias)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -145,7 +145,7 @@ def test_orpo_cpo_simpo_match_liger(impl, method, options):
         return lambda leaves, target, ref: module(leaves[1], leaves[0], target, leaves[2])
 
     _compare(run(getattr(liger_kto, f"LigerFusedLinear{method}Loss")(compiled=False, **options)),
-             run(getattr(ours, f"LigerFusedLinear{method}Loss")(impl=impl, **options)))
+             run(getattr(halo_liger, f"LigerFusedLinear{method}Loss")(impl=impl, **options)))
 
 
 def test_orpo_nll_target_matches_liger():
@@ -156,7 +156,7 @@ def test_orpo_nll_target_matches_liger():
             return module(leaves[1], leaves[0], target, leaves[2], nll_target)
         return call
 
-    _compare(run(liger_kto.LigerFusedLinearORPOLoss(compiled=False)), run(ours.LigerFusedLinearORPOLoss()))
+    _compare(run(liger_kto.LigerFusedLinearORPOLoss(compiled=False)), run(halo_liger.LigerFusedLinearORPOLoss()))
 
 
 @pytest.mark.parametrize("name, extra", [
@@ -171,14 +171,14 @@ def test_functional_forms_match_liger(name, extra):
         return lambda leaves, target, ref: fn(leaves[0], leaves[1], target, leaves[2], *extra(ref))
 
     _compare(run(getattr(liger_functional, f"liger_fused_linear_{name}")),
-             run(getattr(ours, f"liger_fused_linear_{name}")))
+             run(getattr(halo_liger, f"liger_fused_linear_{name}")))
 
 
 def test_functional_kto_matches_liger():
     hidden, weight, bias, target, labels, ref_input, ref_weight, ref_bias = _inputs()
     args = (target, labels, bias, ref_input, ref_weight, ref_bias, torch.tensor(0.2), -100, 0.3, False, True, True)
     theirs = liger_functional.liger_fused_linear_kto(hidden, weight, *args)
-    mine = ours.liger_fused_linear_kto(hidden, weight, *args)
+    mine = halo_liger.liger_fused_linear_kto(hidden, weight, *args)
     torch.testing.assert_close(mine[0], theirs[0], atol=1e-6, rtol=1e-5)
     for a, b in zip(mine[1], theirs[1]):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-5)
@@ -187,7 +187,7 @@ def test_functional_kto_matches_liger():
 def test_ipo_is_trl_length_normalized():
     """IPO (which Liger does not offer): TRL's per-pair (Δ/len − 1/(2β))², with log-ratios per completion token."""
     hidden, weight, bias, target, ref_input, ref_weight, ref_bias = _paired_inputs()
-    loss, (chosen, rejected, *_rest) = ours.LigerFusedLinearDPOLoss(loss_type="ipo", beta=0.25)(
+    loss, (chosen, rejected, *_rest) = halo_liger.LigerFusedLinearDPOLoss(loss_type="ipo", beta=0.25)(
         weight, hidden, target, bias, ref_input, ref_weight, ref_bias)
     full = lambda h, w, b: torch.log_softmax(h.double() @ w.double().t() + b.double(), -1)  # noqa: E731
     mask = target != -100
@@ -205,7 +205,7 @@ def test_ipo_is_trl_length_normalized():
 def test_paired_modules_and_functions_keep_liger_signatures(method):
     import inspect
 
-    mine, theirs = getattr(ours, f"LigerFusedLinear{method}Loss"), getattr(liger_kto, f"LigerFusedLinear{method}Loss")
+    mine, theirs = getattr(halo_liger, f"LigerFusedLinear{method}Loss"), getattr(liger_kto, f"LigerFusedLinear{method}Loss")
     their_init = list(inspect.signature(theirs.__init__).parameters.values())
     our_init = list(inspect.signature(mine.__init__).parameters.values())
     assert [(p.name, p.default) for p in our_init[: len(their_init)]] == [(p.name, p.default) for p in their_init]
@@ -214,4 +214,4 @@ def test_paired_modules_and_functions_keep_liger_signatures(method):
     name = f"liger_fused_linear_{method.lower()}"
     their_apply = inspect.signature(getattr(liger_functional, f"LigerFusedLinear{method}Function").forward)
     their_params = [(p.name, p.default) for p in their_apply.parameters.values() if p.name not in ("cls", "ctx")]
-    assert [(p.name, p.default) for p in inspect.signature(getattr(ours, name)).parameters.values()] == their_params
+    assert [(p.name, p.default) for p in inspect.signature(getattr(halo_liger, name)).parameters.values()] == their_params

@@ -186,6 +186,7 @@ def kto_loss(
     loss_type: str = "kto",
     logit_sums: torch.Tensor | None = None,
     token_counts: torch.Tensor | None = None,
+    entropy_sums: torch.Tensor | None = None,
 ) -> KTOOutput:
     """KTO loss from per-sequence log-probs (``[B]`` each), as TRL's KTOTrainer computes it.
 
@@ -198,6 +199,7 @@ def kto_loss(
         beta, desirable_weight, undesirable_weight, loss_type: as in TRL's ``KTOConfig``.
         logit_sums, token_counts: optional ``[B]`` sums over each completion's tokens of the mean
             logit, and the token counts, for TRL's ``logits/chosen`` and ``logits/rejected``.
+        entropy_sums: optional ``[B]`` sums of the per-token entropy, for TRL's ``entropy``.
 
     The batch loss is the mean of the weighted per-sequence losses, a differentiable 0 for B = 0.
     """
@@ -212,7 +214,7 @@ def kto_loss(
     losses, _, rewards = kto_terms(policy_logps, ref_logps, labels, z0, beta, desirable_weight, undesirable_weight)
     loss = losses.sum() / max(batch, 1)
     with_token_stats = logit_sums is not None and token_counts is not None
-    sums = metric_sums(losses, policy_logps, rewards, labels, logit_sums, token_counts)
+    sums = metric_sums(losses, policy_logps, rewards, labels, logit_sums, token_counts, entropy_sums)
     return KTOOutput(loss=loss, losses=losses, kl=z0, policy_logps=policy_logps, rewards=rewards, labels=labels,
                      metrics=metrics_from_sums(sums, z0, with_token_stats))
 
