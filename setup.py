@@ -1,12 +1,25 @@
 """halo-ops: fused linear log-prob and KTO loss kernels (one import package, ``halo_ops``)."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# One import package. The top-level folders kernels/ and integrations/ ship inside it, because `kernels`
+# (the Hugging Face kernel hub) and `integrations` are too generic to be top-level modules.
+PACKAGE_FOLDERS = {"halo_ops": "halo_ops", "halo_ops.kernels": "kernels", "halo_ops.integrations": "integrations"}
+
+
+def shipped_packages() -> list[str]:
+    """Every package under each mapped folder, found on disk, so that no subpackage can be left out."""
+    packages = []
+    for package, folder in PACKAGE_FOLDERS.items():
+        packages += [package] + [f"{package}.{sub}" for sub in find_packages(folder)]
+    return sorted(set(packages))
+
 
 TEST = [
     "pytest>=8",
     "hypothesis>=6.100",
     "pytest-benchmark>=4",
-    "transformers>=4.46",
+    "transformers>=4.56.2",
     "trl>=1.16",
     "liger-kernel>=0.5",
     "datasets>=3",
@@ -25,14 +38,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # One import package: the top-level folders kernels/ and integrations/ ship inside it, because
-    # `kernels` (the Hugging Face kernel hub) and `integrations` are too generic to be top-level modules.
-    packages=["halo_ops", "halo_ops.kernels", "halo_ops.integrations"],
-    package_dir={
-        "halo_ops": "halo_ops",
-        "halo_ops.kernels": "kernels",
-        "halo_ops.integrations": "integrations",
-    },
+    packages=shipped_packages(),
+    package_dir=PACKAGE_FOLDERS,
     package_data={"halo_ops.kernels": ["tuned_configs.json"]},  # block configs timed by bench/autotune.py
     install_requires=[
         "torch>=2.4",

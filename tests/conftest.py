@@ -1,7 +1,9 @@
 """Test setup: Triton through the interpreter on CPU (compiled on a GPU), poisoned torch.empty, tolerances."""
 
 import os
+from pathlib import Path
 
+import bench  # noqa: F401  (first: puts the clone's root behind site-packages, so halo_ops is the installed wheel)
 import pytest
 import torch
 
@@ -12,6 +14,14 @@ if DEVICE == "cpu":
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+import halo_ops  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if Path(halo_ops.__file__).resolve().parent == ROOT / "halo_ops":
+    pytest.exit(f"halo_ops is imported from the source tree ({halo_ops.__file__}), not from an installed wheel: the "
+                "suite tests what ships. Install it with `bash .ci/setup-venv` and run `.venv/bin/python -m pytest`.",
+                returncode=4)
 
 settings.register_profile(
     "ci", max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
