@@ -34,8 +34,9 @@ from ..zero3 import gathered
 
 try:
     from transformers.utils import ModelOutput
-except ImportError:  # pragma: no cover - transformers is needed for this module only
-    raise ImportError("halo_ops.integrations.transformers needs the transformers package") from None
+except ImportError as error:
+    raise ImportError("halo_ops.integrations.transformers needs the transformers package: "
+                      "pip install 'halo-ops[transformers]'") from error
 
 SUPPORTED_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 

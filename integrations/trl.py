@@ -27,10 +27,15 @@ import importlib
 import warnings
 
 import torch
-from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RLOOTrainer, SFTTrainer
 
 from .. import kto_kl
-from .transformers import add_fused_lm_head
+from .transformers import add_fused_lm_head  # first: it names a missing transformers package
+
+try:
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RLOOTrainer, SFTTrainer
+except ImportError as error:
+    raise ImportError("halo_ops.integrations.trl needs the trl package (1.16 or later): pip install 'halo-ops[trl]'"
+                      ) from error
 
 # The model-input keys TRL 1.16's KTOTrainer strips before calling the model
 _NON_MODEL_KEYS = {"completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
