@@ -15,21 +15,24 @@ def shipped_packages() -> list[str]:
     return sorted(set(packages))
 
 
+# Each floor is the oldest release the floor lane of .ci/run installs and passes the whole suite with
+# (.ci/floors pins every `>=` below to its version).
+TRANSFORMERS = ["transformers>=4.56.2"]  # halo_ops.integrations.transformers (trl 1.16's floor)
+TRL = ["trl>=1.16.0", *TRANSFORMERS]  # halo_ops.integrations.trl: TRL 1.16's trainers and fused head
 TEST = [
-    "pytest>=8",
-    "hypothesis>=6.100",
-    "pytest-benchmark>=4",
-    "transformers>=4.56.2",
-    "trl>=1.16",
-    "liger-kernel>=0.5",
-    "datasets>=3",
-    "peft>=0.13",
-    "accelerate>=1.0",
-    "numpy>=1.26",
-    "matplotlib>=3.8",  # the demo's plot
-    "deepspeed>=0.15; platform_system == 'Linux'",  # the ZeRO-3 test
+    "pytest>=8.0.0",
+    "hypothesis>=6.100.0",
+    "pytest-benchmark>=4.0.0",
+    *TRL,
+    "liger-kernel>=0.6.0",  # the oracle of the Liger drop-ins
+    "datasets>=4.7.0",  # trl 1.16's floor
+    "peft>=0.13.0",
+    "accelerate>=1.10.1",  # trl 1.16's floor
+    "numpy>=2.0.0",  # pyarrow (under datasets) refuses numpy 1
+    "matplotlib>=3.9.0",  # the demo's plot (3.8 is built against numpy 1)
+    "deepspeed>=0.16.4; platform_system == 'Linux'",  # the ZeRO-3 test (older releases need a GPU to import)
 ]
-BENCH = ["pytest-benchmark>=4", "trl>=1.16", "liger-kernel>=0.5", "cut-cross-entropy>=25.1", "matplotlib>=3.8"]
+BENCH = ["pytest-benchmark>=4.0.0", *TRL, "liger-kernel>=0.6.0", "cut-cross-entropy>=25.1.1", "matplotlib>=3.9.0"]
 
 setup(
     name="halo-ops",
@@ -42,10 +45,11 @@ setup(
     package_dir=PACKAGE_FOLDERS,
     package_data={"halo_ops.kernels": ["tuned_configs.json"]},  # block configs timed by bench/autotune.py
     install_requires=[
-        "torch>=2.4",
-        # Triton wheels exist for Linux x86_64/aarch64; elsewhere the chunked PyTorch path runs.
-        "triton>=3.0; platform_system == 'Linux'",
+        "torch>=2.7.1",
+        # Triton wheels exist for Linux x86_64/aarch64; elsewhere the chunked PyTorch path runs. 3.3.1 is
+        # torch 2.7.1's own; the interpreter of older releases mis-runs the kernels.
+        "triton>=3.3.1; platform_system == 'Linux'",
     ],
-    extras_require={"test": TEST, "bench": BENCH},
+    extras_require={"test": TEST, "bench": BENCH, "transformers": TRANSFORMERS, "trl": TRL},
     license="Apache-2.0",
 )

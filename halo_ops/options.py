@@ -25,7 +25,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 @dataclasses.dataclass(frozen=True)
 class TokenOptions:
     impl: str  # "triton" or "torch", already resolved (halo_ops.inputs.resolve_impl)
-    transform: LogitTransform = LogitTransform()
+    # a factory, not an instance: torch 2.7's dynamo cannot build a dataclass whose default is an instance
+    transform: LogitTransform = dataclasses.field(default_factory=LogitTransform)
     ignore_index: int = -100
     return_stats: bool = False  # also per-token entropy and mean logit
     schedule: str = "atomic"  # the backward's schedule, resolved: atomic, owner, slab (Triton) or chunked (torch)

@@ -1,6 +1,9 @@
 """Triton kernels and their launchers (``halo_ops.kernels``). No autograd here.
 
 Importing this package imports Triton; ``halo_ops`` only does so when Triton is installed.
+
+A file that holds ``@triton.jit`` kernels has no ``from __future__ import annotations``: Triton 3.1's
+interpreter recognizes a ``tl.constexpr`` parameter by its annotation object, not by a string.
 """
 
 from . import slab_backward

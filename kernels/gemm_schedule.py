@@ -15,8 +15,6 @@ logits slab is fp32, as the fused kernels' logits are; elsewhere on CUDA it is i
 (as in TRL's head). Deterministic: no atomics.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

@@ -20,8 +20,6 @@ schedules need three), and the backward is elementwise. Extra memory: the slab (
 logits, plus the weights' half-precision copy for bf16/fp16) and A, which is the Jacobian that is kept.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

@@ -10,8 +10,6 @@ The sums vector follows ``halo_ops.losses.kto.SUM_KEYS``; the same formulas in P
 ``halo_ops.losses.kto.kto_terms``.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
@@ -41,8 +39,9 @@ def kto_sequence_kernel(
         m = o < B
         b_logp = tl.load(policy_ptr + o, mask=m, other=0.0).to(tl.float32)
         b_ref = tl.load(ref_ptr + o, mask=m, other=0.0).to(tl.float32)
-        b_chosen = (tl.load(labels_ptr + o, mask=m, other=0) != 0) & m
-        b_rejected = (~b_chosen) & m
+        b_label = tl.load(labels_ptr + o, mask=m, other=0)
+        b_chosen = (b_label != 0) & m
+        b_rejected = (b_label == 0) & m
         b_sign = tl.where(b_chosen, 1.0, -1.0)
         b_weight = tl.where(b_chosen, desirable_weight, undesirable_weight)
         b_x = b_sign * beta * (b_logp - b_ref - z0)

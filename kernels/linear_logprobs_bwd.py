@@ -14,8 +14,6 @@ are all exactly zero (ignored tokens, forward-only rows) return at once. The sav
 at ignored tokens, so their softmax reads as 0 and no NaN appears.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

@@ -11,8 +11,6 @@ and ``Σ z``, and picks the target logit inside the tile (the online form of the
 token op merges. No logits leave the registers. Blocks whose targets are all ignored are skipped.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

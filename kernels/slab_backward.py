@@ -18,8 +18,6 @@ the tokens are chunked. The kernel's grid is grouped (GROUP_N token blocks sweep
 as in Triton's matmul tutorial) so that their rows of H stay in L2 while W's tiles stream.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

@@ -39,10 +39,11 @@ def poisoned_empty(monkeypatch):
 
     def empty(*args, **kwargs):
         out = real_empty(*args, **kwargs)
-        if out.is_floating_point():
-            out.fill_(float("nan"))
-        elif out.dtype != torch.bool:
-            out.fill_(-7)
+        with torch.no_grad():  # a leaf made with requires_grad=True takes the poison too
+            if out.is_floating_point():
+                out.fill_(float("nan"))
+            elif out.dtype != torch.bool:
+                out.fill_(-7)
         return out
 
     monkeypatch.setattr(torch, "empty", empty)
