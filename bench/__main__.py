@@ -10,7 +10,7 @@ import torch
 from .kto_step import KTO_PROVIDERS, LOSS_PROVIDERS, KTOShape, mean_entropy
 from .measure import CASES, DTYPES, Shape, peak_row, time_row
 from .providers import HALO_OPTIONS, PROVIDERS
-from .report import add_ratios, environment, plot, write
+from .report import RUNS, add_ratios, environment, plot, write
 
 
 def _ints(text: str) -> list[int]:
@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     parser.add_argument("--grad-filter-eps", type=float, default=0.0,
                         help="halo-ops providers: gradient filtering threshold (default 0, exact)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row on CPU (CUDA uses do_bench)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RUNS)
     parser.add_argument("--name", default=None, help="results file stem (default: bench-<device>)")
     args = parser.parse_args(argv)
 

@@ -28,7 +28,7 @@ from halo_ops.partials import merge_partials
 from halo_ops.token_op import weight_slice_rows
 
 from .measure import DTYPES, Shape, median_seconds
-from .report import environment
+from .report import RUNS, environment
 
 # Candidates around the defaults (kernels/config.py): bigger token and vocabulary blocks for reuse,
 # fewer warps, deeper pipelines. Those that do not fit a GPU fail to compile there and are skipped.
@@ -207,7 +207,7 @@ def main(argv=None) -> None:
     parser.add_argument("--min-gain", type=float, default=0.03, help="keep a config only if this much faster")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per candidate on CPU")
     parser.add_argument("--arch", default=None, help="table key (default: this GPU's, e.g. sm_90)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RUNS)
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)

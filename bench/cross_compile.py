@@ -11,7 +11,8 @@ tensors. Each specialization the ops produce is therefore built exactly as a GPU
 - shared memory per program, against the architecture's per-block limit (a launch above it fails);
 - the matrix instructions used: ``tcgen05`` (Blackwell), ``wgmma`` (Hopper), ``mma`` (Ampere-style),
   or none;
-- the global atomics used: ``red`` (relaxed, fire-and-forget) or ``atom`` (ordered, waits for a result);
+- the global atomics in the machine code (SASS): ``red`` (RED/REDG, fire-and-forget reductions) or ``atom``
+  (ATOM/ATOMG, a read-modify-write that waits for its result);
 - programs per SM from registers, shared memory and warps, the occupancy bound.
 
 It runs without TRITON_INTERPRET (kernels must be compiled, not interpreted, in this process).
@@ -189,14 +190,15 @@ def resource_usage(compiled, arch: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin.name], capture_output=True, text=True,
-                              check=True).stdout
+        dump, sass = (subprocess.run([_cuobjdump(), flag, cubin.name], capture_output=True, text=True,
+                                     check=True).stdout for flag in ("--dump-resource-usage", "--dump-sass"))
     usage = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", dump)}
     ptx = compiled.asm["ptx"]
     matrix = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx
               else "mma" if re.search(r"\bmma\.sync", ptx) else "none")
-    # red: fire-and-forget reductions (relaxed); atom: read-modify-write that waits for its result
-    atomics = "atom" if re.search(r"\batom\.global", ptx) else "red" if re.search(r"\bred\.global", ptx) else "none"
+    # Read from the machine code, not the PTX: ptxas lowers a PTX atom whose result is unused to a reduction.
+    # RED/REDG: fire-and-forget reductions; ATOM/ATOMG: read-modify-write that waits for its result.
+    atomics = ("atom" if re.search(r"\bATOMG?\.", sass) else "red" if re.search(r"\bREDG?\.", sass) else "none")
     warps, shared = compiled.metadata.num_warps, compiled.metadata.shared
     limits = ARCH_LIMITS[arch]
     registers_per_program = math.ceil(usage["reg"] * 32 / 256) * 256 * warps  # allocated per warp in 256s
@@ -237,7 +239,7 @@ def build(cases: list[Case], arch: int) -> list[dict]:
 
 def problems(rows: list[dict], *, tensor_cores: bool = True) -> list[str]:
     """What would go wrong on the GPU: spills, shared memory over the limit, half-precision GEMMs
-    without matrix instructions, accumulations through ordered atomics."""
+    without matrix instructions, accumulations through returning atomics (ATOM in the SASS)."""
     found = []
     for row in rows:
         where = f"{row['arch']} {row['case']}: {row['kernel']}"
@@ -249,7 +251,7 @@ def problems(rows: list[dict], *, tensor_cores: bool = True) -> list[str]:
         if tensor_cores and half and row["kernel"].startswith("linear_logprobs") and row["matrix"] == "none":
             found.append(f"{where} uses no tensor-core instructions")
         if row["atomics"] == "atom":
-            found.append(f"{where} uses ordered atomics (atom.global): accumulations need only relaxed ones")
+            found.append(f"{where} uses returning atomics (ATOM in its SASS): accumulations need only reductions (RED)")
     return found
 
 
@@ -295,7 +297,7 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         flagged = "".join(f"- PROBLEM: {line}\n" for line in found) or "- no problem found\n"
         (args.out / f"{args.name}.md").write_text("# Kernel resource usage per architecture\n\n" + text
-                                                 + "\nChecks (spills, shared memory, tensor cores, ordered atomics):\n\n"
+                                                 + "\nChecks (spills, shared memory, tensor cores, returning atomics):\n\n"
                                                  + flagged)
         (args.out / f"{args.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     for line in found:

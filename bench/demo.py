@@ -23,6 +23,7 @@ from halo_ops import linear_logprobs, resolve_impl
 
 from .memory import peak_extra_bytes
 from .providers import plain_logprobs
+from .report import RUNS
 
 DATA = Path(__file__).parent / "data" / "kto_arithmetic.jsonl"
 
@@ -198,7 +199,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="part 2: optimizer steps")
     parser.add_argument("--kto-batch", type=int, default=16, help="part 2: sequences per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="part 2: learning rate")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where the plot goes")
+    parser.add_argument("--out", type=Path, default=RUNS, help="where the plot goes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--part", choices=["all", "lm-head", "kto", "dpo"], default="all")
     args = parser.parse_args(argv)

@@ -54,7 +54,7 @@ step() {  # step NAME SECONDS 'command': run under a deadline, log everything, r
     fi
     [ "$seconds" -gt "$left" ] && seconds=$left
     echo "=== $name (deadline ${seconds}s, at +$((t0 - START))s): $command" | tee -a "$WORK/session.log"
-    timeout -k 5 "$seconds" bash -c "$command" >> "$WORK/session.log" 2>&1
+    timeout -k 5 "$seconds" bash -o pipefail -c "$command" >> "$WORK/session.log" 2>&1  # a pipe fails if any part does
     local rc=$? t1=$(date +%s)
     local outcome=ok
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then outcome=deadline; elif [ $rc -ne 0 ]; then outcome="failed (exit $rc)"; fi
@@ -63,13 +63,13 @@ step() {  # step NAME SECONDS 'command': run under a deadline, log everything, r
 }
 
 if [ "$MODE" != smoke ]; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     if ls .whl/*.whl >/dev/null 2>&1; then  # the peers, offline (bench/fetch_wheels.sh fills .whl/)
         step wheels 60 "$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site .whl/*.whl"
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
-    # halo-ops itself, offline: no dependencies, no build isolation
-    step install 60 "$PY -m pip install -q --no-deps --no-build-isolation --no-index -e ."
+    # halo-ops itself as it ships (a built wheel, not the source tree), offline: no dependencies, no build isolation
+    step install 60 "$PY -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site ."
 fi
 step environment 30 "{ nvidia-smi || true; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\",
     triton.__version__, \"cuda\", torch.cuda.is_available())'; } 2>&1 | tee $WORK/environment.txt"

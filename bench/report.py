@@ -13,6 +13,11 @@ import torch
 PEERS = ("torch", "triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers")
 
 
+# Where a run writes unless told otherwise: git-ignored, so a run never overwrites the committed tables in
+# bench/results/ (pass --out bench/results to replace them, with the command in the commit).
+RUNS = Path(__file__).parent / "runs"
+
+
 def environment(device: torch.device) -> dict:
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "python": platform.python_version()}

@@ -68,7 +68,7 @@ def resolve_schedule(schedule: str, *, impl: str, deterministic: bool, grad_filt
                              "PyTorch schedule (leave schedule='auto')")
         return "chunked"
     if schedule == "atomic" and deterministic:
-        raise ValueError("schedule='atomic' sums in a run-dependent order; deterministic=True takes 'owner' or 'slab'")
+        raise ValueError("schedule='atomic' sums in a run-dependent order; deterministic=True takes 'slab', 'gemm' or 'owner'")
     if schedule != "auto":
         return schedule
     from .kernels.config import device_arch, tuned_schedule

@@ -13,7 +13,11 @@ from .vocab_parallel import VocabParallel, vocab_parallel_logprobs
 
 
 class LinearLogProbs(NamedTuple):
-    """``linear_logprobs(..., return_stats=True)``: log-probs plus per-token statistics (no gradient)."""
+    """``linear_logprobs(..., return_stats=True)``: log-probs plus per-token statistics.
+
+    The entropy is differentiable (its gradient joins the log-probs' in the same backward); the other
+    statistics carry no gradient.
+    """
 
     logps: torch.Tensor  # like targets ("none") or one value per row ("sum"/"mean"), float32
     entropy: torch.Tensor  # like targets: entropy of softmax(z), 0 at ignored positions
@@ -62,13 +66,15 @@ def linear_logprobs(
             dimension (mean over the row's non-ignored tokens, 0 for a row with none).
         impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked
             PyTorch, any device), or ``"auto"`` (Triton where it runs, else PyTorch).
-        return_stats: also return per-token statistics of ``softmax(z)`` from the same pass (no gradient):
-            entropy, mean logit, log Σ p², and whether the target is the argmax (TRL's ``is_top1``), as a
-            :class:`LinearLogProbs`.
+        return_stats: also return per-token statistics of ``softmax(z)`` from the same pass, as a
+            :class:`LinearLogProbs`: the entropy (differentiable: ∂H/∂z = −p (log p + H) joins the
+            backward), the mean logit, log Σ p², and whether the target is the first argmax (TRL's
+            ``is_top1``); the last three carry no gradient.
         check_targets: raise on targets outside ``[0, V)`` (reads them on the host: one sync).
         check_finite: raise on NaN/inf in hidden, weight or bias (one extra pass and a sync).
         deterministic: a Triton backward without atomics, bitwise reproducible from run to run
-            (``schedule`` ``"slab"`` or ``"owner"``; the PyTorch path is always deterministic).
+            (``schedule`` ``"slab"``, ``"gemm"`` or ``"owner"``; ``"atomic"`` is then an error; the PyTorch
+            path is always deterministic).
         grad_filter_eps: if > 0, the backward takes softmax probabilities below it as 0 in
             dL/dz = g · (onehot − p) (gradient filtering, as in cut-cross-entropy) and skips the
             GEMMs of tiles left all zero: faster on peaked logits, approximate (each dropped entry
