@@ -17,14 +17,15 @@ def shipped_packages() -> list[str]:
 
 # Each floor is the oldest release the floor lane of .ci/run installs and passes the whole suite with
 # (.ci/floors pins every `>=` below to its version).
-TRANSFORMERS = ["transformers>=4.56.2"]  # halo_ops.integrations.transformers (trl 1.16's floor)
+TRANSFORMERS = ["transformers>=5.0.0"]  # halo_ops.integrations.transformers (4.x fails under TRL's default
+# gradient checkpointing with bf16 on CPU, for TRL's own trainers too)
 TRL = ["trl>=1.16.0", *TRANSFORMERS]  # halo_ops.integrations.trl: TRL 1.16's trainers and fused head
 TEST = [
     "pytest>=8.0.0",
     "hypothesis>=6.100.0",
     "pytest-benchmark>=4.0.0",
     *TRL,
-    "liger-kernel>=0.6.0",  # the oracle of the Liger drop-ins
+    "liger-kernel>=0.8.1",  # the oracle of the Liger drop-ins, which keep 0.8's signatures
     "datasets>=4.7.0",  # trl 1.16's floor
     "peft>=0.13.0",
     "accelerate>=1.10.1",  # trl 1.16's floor
@@ -32,7 +33,7 @@ TEST = [
     "matplotlib>=3.9.0",  # the demo's plot (3.8 is built against numpy 1)
     "deepspeed>=0.16.4; platform_system == 'Linux'",  # the ZeRO-3 test (older releases need a GPU to import)
 ]
-BENCH = ["pytest-benchmark>=4.0.0", *TRL, "liger-kernel>=0.6.0", "cut-cross-entropy>=25.1.1", "matplotlib>=3.9.0"]
+BENCH = ["pytest-benchmark>=4.0.0", *TRL, "liger-kernel>=0.8.1", "cut-cross-entropy>=25.1.1", "matplotlib>=3.9.0"]
 
 setup(
     name="halo-ops",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import traceback
 from pathlib import Path
 
 import torch
@@ -77,6 +78,16 @@ def main(argv=None) -> None:
                             else:
                                 jobs.append((row, provider, shape))
 
+    env = environment(device)
+    stem = args.name or f"bench-{device.type}"
+
+    def save() -> tuple[Path, Path]:
+        """The tables as they stand: rewritten after every row, so a run stopped by its deadline keeps
+        what it measured (rows not reached yet say so)."""
+        add_ratios(rows, reference)
+        return write(rows, env, args.out, stem, reference)
+
+    save()
     # Every timing before any peak: the CPU peak measurement changes how the allocator behaves
     for phase, measure in (("time", time_row), ("memory", peak_row)):
         for row, provider, shape in jobs:
@@ -85,24 +96,32 @@ def main(argv=None) -> None:
             args_ = (provider, shape, row["case"], device) + ((args.repeats,) if phase == "time" else ())
             try:
                 row["ms" if phase == "time" else "peak_mib"] = measure(*args_)
-            except torch.OutOfMemoryError:
+            except Exception as error:  # one failing provider costs its own row, not the table
                 row.pop("ms", None)
-                row["note"] = "out of memory"
+                row["note"] = "out of memory" if isinstance(error, torch.OutOfMemoryError) else \
+                    f"failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
+                if not isinstance(error, torch.OutOfMemoryError):
+                    traceback.print_exc()
+                if cuda:
+                    torch.cuda.empty_cache()
             shown = (f"{row['ms']:9.1f} ms" if phase == "time" else f"{row['peak_mib']:8.0f} MiB") \
                 if "note" not in row else row["note"]
             print(f"{phase:6s} {row['case']:17s} N={row['tokens']:<6d} D={row['hidden']:<5d} V={row['vocab']:<7d} "
                   f"{row['distribution']:7s} {provider.name:16s} {shown}", flush=True)
-    for row in rows:  # what a provider needs beyond the gradient outputs it must return
-        if "peak_mib" in row and row["case"] in ("backward", "forward+backward", "frozen-head", "kto-step", "kto-loss"):
-            rows_with_grad = row["tokens"] + (0 if row["case"] == "frozen-head" else row["vocab"])
-            grads = rows_with_grad * row["hidden"] * dtype.itemsize
-            row["extra_mib"] = row["peak_mib"] - grads / 2**20
-    add_ratios(rows, reference)
-    env = environment(device)
-    csv_path, md_path = write(rows, env, args.out, args.name or f"bench-{device.type}", reference)
+            if phase == "memory":
+                _extra_memory(row, dtype)
+            save()
+    csv_path, md_path = save()
     print(md_path.read_text())
     png = plot(rows, md_path.with_suffix(".png"))
     print(f"wrote {csv_path}, {md_path}" + (f" and {png}" if png else ""))
+
+
+def _extra_memory(row: dict, dtype: torch.dtype) -> None:
+    """What a provider needs beyond the gradient outputs it must return."""
+    if "peak_mib" in row and row["case"] in ("backward", "forward+backward", "frozen-head", "kto-step", "kto-loss"):
+        rows_with_grad = row["tokens"] + (0 if row["case"] == "frozen-head" else row["vocab"])
+        row["extra_mib"] = row["peak_mib"] - rows_with_grad * row["hidden"] * dtype.itemsize / 2**20
 
 
 if __name__ == "__main__":

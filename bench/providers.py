@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -134,3 +136,18 @@ PROVIDERS = {
         Provider("torch.linear_cross_entropy", torch_lce_logprobs, _torch_lce_available),
     )
 }
+
+
+def _fault_raise(hidden, weight, targets):
+    raise RuntimeError("injected fault (HALO_BENCH_FAULTS)")
+
+
+def _fault_hang(hidden, weight, targets):
+    time.sleep(3600)  # a step past its deadline
+
+
+# Checks of the device run itself (bash bench/gpu_session.sh smoke with HALO_BENCH_FAULTS=1): a provider that
+# raises and one that hangs, so that the smoke run shows each as such and keeps every other row.
+if os.environ.get("HALO_BENCH_FAULTS") == "1":
+    PROVIDERS.update({p.name: p for p in (Provider("fault-raise", _fault_raise, _always),
+                                          Provider("fault-hang", _fault_hang, _always))})

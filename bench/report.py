@@ -16,6 +16,7 @@ PEERS = ("torch", "triton", "trl", "liger-kernel", "cut-cross-entropy", "transfo
 # Where a run writes unless told otherwise: git-ignored, so a run never overwrites the committed tables in
 # bench/results/ (pass --out bench/results to replace them, with the command in the commit).
 RUNS = Path(__file__).parent / "runs"
+NOT_REACHED = "not measured: the run stopped before this row"
 
 
 def environment(device: torch.device) -> dict:
@@ -52,6 +53,7 @@ def add_ratios(rows: list[dict], reference: str) -> None:
         ref = base.get(_key(row))
         if ref and "ms" in row:
             row["time_x"] = row["ms"] / ref["ms"]
+        if ref and "peak_mib" in row and "peak_mib" in ref:  # once the memory phase has reached both
             row["mem_x"] = row["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
 
 
@@ -64,7 +66,7 @@ def write(rows: list[dict], env: dict, out_dir: Path, stem: str, reference: str)
         f.write("".join(f"# {k}: {v}\n" for k, v in env.items()))
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, "note": row.get("note") or ("" if "ms" in row else NOT_REACHED)} for row in rows)
 
     def fmt(value, spec):
         return format(value, spec) if isinstance(value, float) else ("" if value is None else str(value))
@@ -83,9 +85,9 @@ def write(rows: list[dict], env: dict, out_dir: Path, stem: str, reference: str)
             logits += f" ({r['entropy']:.2f} nats)"
         head = f"| {r['provider']} | {r['case']} | {r['tokens']} | {r['hidden']} | {r['vocab']} | {r['dtype']} | {logits} "
         if "ms" not in r:
-            lines.append(head + f"| n/a: {r['note']} | | | | |")
+            lines.append(head + f"| n/a: {r.get('note') or NOT_REACHED} | | | | |")
             continue
-        lines.append(head + f"| {fmt(r['ms'], '.1f')} | {fmt(r['peak_mib'], '.0f')} | {fmt(r.get('extra_mib'), '.0f')} "
+        lines.append(head + f"| {fmt(r['ms'], '.1f')} | {fmt(r.get('peak_mib'), '.0f')} | {fmt(r.get('extra_mib'), '.0f')} "
                      f"| {fmt(r.get('time_x'), '.2f')} "
                      f"| {fmt(r.get('mem_x'), '.2f')} |")
     md_path.write_text("\n".join(lines) + "\n")

@@ -62,3 +62,40 @@ def test_gpu_session_summary_reads_every_results_file(tmp_path):
     assert over_floor == pytest.approx(float(measured["ms"]) / floor_ms, abs=0.006)
     for script in ("bench/gpu_session.sh", "bench/fetch_wheels.sh"):
         subprocess.run(["bash", "-n", script], check=True)
+
+
+def _csv_rows(path):
+    return list(csv.DictReader(line for line in open(path) if not line.startswith("#")))
+
+
+def test_a_failing_provider_costs_only_its_own_row(tmp_path, monkeypatch):
+    from bench import providers
+
+    broken = providers.Provider("broken", providers._fault_raise, providers._always)
+    monkeypatch.setitem(providers.PROVIDERS, "broken", broken)
+    bench_cli.main(["--tokens", "64", "--hidden", "16", "--vocab", "300", "--dtype", "fp32", "--repeats", "1",
+                    "--cases", "forward+backward", "--providers", "halo-ops[torch],broken,plain",
+                    "--out", str(tmp_path), "--name", "faults"])
+    rows = {r["provider"]: r for r in _csv_rows(tmp_path / "faults.csv")}
+    assert rows["broken"]["note"].startswith("failed: RuntimeError: injected fault") and not rows["broken"]["ms"]
+    assert float(rows["halo-ops[torch]"]["ms"]) > 0 and float(rows["plain"]["ms"]) > 0
+    assert float(rows["plain"]["peak_mib"]) > 0
+
+
+def test_a_run_stopped_at_its_deadline_keeps_every_measured_row(tmp_path):
+    """The CSV is rewritten after each row: a run killed while a provider hangs keeps the rows before it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "HALO_BENCH_FAULTS": "1"}
+    command = [sys.executable, "-m", "bench", "--tokens", "64", "--hidden", "16", "--vocab", "300", "--dtype", "fp32",
+               "--repeats", "1", "--cases", "forward-only", "--providers", "plain,fault-hang,halo-ops[torch]",
+               "--out", str(tmp_path), "--name", "deadline"]
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, timeout=30, capture_output=True)
+    rows = {r["provider"]: r for r in _csv_rows(tmp_path / "deadline.csv")}
+    assert float(rows["plain"]["ms"]) > 0
+    assert rows["fault-hang"]["note"].startswith("not measured") and rows["halo-ops[torch]"]["note"].startswith(
+        "not measured")

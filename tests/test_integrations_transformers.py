@@ -161,8 +161,11 @@ def _fsdp2_worker(rank, init_file, out_dir):
         out = model(input_ids=ids, labels=labels, fused_lm_head=True)
         out.loss.backward()
         weight = model.lm_head.weight
-        torch.save({"loss": out.loss.detach(), "sharded": type(weight).__name__,
-                    "grad": weight.grad.full_tensor()}, os.path.join(out_dir, f"{rank}.pt"))
+        fused_grad = weight.grad.full_tensor()
+        model.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()  # the model's own head, under the same FSDP2
+        torch.save({"loss": out.loss.detach(), "sharded": type(weight).__name__, "grad": fused_grad,
+                    "model_grad": weight.grad.full_tensor()}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -177,7 +180,8 @@ def _fsdp2_batch(rank):
 
 def test_fsdp2_sharded_head(tmp_path):
     """FSDP2 (fully_shard, gloo, 2 CPU processes): the DTensor head is gathered for the call; each rank's loss
-    and the averaged head gradient equal an unsharded computation."""
+    equals an unsharded computation, and the head's gradient equals the model's own head's under the same FSDP2
+    (which averages over ranks from torch 2.9 on and sums on gloo before: both are checked against it)."""
     import torch.multiprocessing as mp
 
     pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
@@ -194,10 +198,13 @@ def test_fsdp2_sharded_head(tmp_path):
     for rank in range(2):
         ids, labels = _fsdp2_batch(rank)
         losses.append(model(input_ids=ids, labels=labels, fused_lm_head=True).loss)
-    (sum(losses) / 2).backward()  # FSDP2 averages gradients over ranks
+    (sum(losses) / 2).backward()
+    averaged = model.lm_head.weight.grad
     for rank, result in enumerate(results):
         torch.testing.assert_close(result["loss"], losses[rank].detach(), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(result["grad"], model.lm_head.weight.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(result["grad"], result["model_grad"], atol=1e-6, rtol=1e-4)
+        reduction = (result["model_grad"] * averaged).sum() / (averaged * averaged).sum()  # 1 (mean) or 2 (sum)
+        torch.testing.assert_close(result["grad"], reduction.round() * averaged, atol=1e-6, rtol=1e-4)
 
 
 def _zero3_worker(rank, port, out_dir, mode):
