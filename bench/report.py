@@ -32,6 +32,10 @@ def environment(device: torch.device) -> dict:
                                            capture_output=True, text=True, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             env["driver"] = "unknown"
+        from halo_ops.kernels.slab_backward import fp32_output_gemm
+
+        # which product the slab and GEMM schedules ran: one fp32-output GEMM, or a half-precision one plus an add
+        env["fp32-output GEMM"] = "yes" if fp32_output_gemm(device) else "no (half-precision product + fp32 add)"
     else:
         env["device"] = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     for package in PEERS:

@@ -84,8 +84,8 @@ def linear_logprobs(
             tensor-core GEMMs through torch; no atomics), ``"atomic"`` (one fused tile-parallel pass, fp32
             atomics) or ``"owner"`` (owner-computes passes, one more recompute); ``"gemm"`` runs both
             directions with every product a torch GEMM and Triton folds over bounded slabs. ``"auto"``:
-            the measured winner for this GPU and shape where the tuned table has one, else ``"atomic"``
-            with gradient filtering and ``"slab"`` otherwise. The PyTorch path has one schedule and takes
+            the measured winner for this GPU and shape where the tuned table has one, else the best written
+            prediction (bench/NOTES.md item 26): ``"atomic"`` with gradient filtering and ``"gemm"`` otherwise. The PyTorch path has one schedule and takes
             only ``"auto"``.
         recompute: ``True`` makes the backward recompute the logits always. ``None`` (default): with a
             frozen head (weight and bias without gradient, hidden with) and no gradient filtering, the

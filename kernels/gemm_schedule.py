@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .config import device_arch, launch_options, select_config
-from .slab_backward import backward_by_slabs, slab_shape, window
+from .slab_backward import backward_by_slabs, fp32_output_gemm, slab_shape, window
 from .tiles import dlogits_from_projection, empty_fold, fold_tile, partial_kinds, store_partials
 from .transform import logit_transform, transform_args
 
@@ -99,26 +99,16 @@ def dlogits_from_slab_kernel(
     tl.store(p_dy, b_dz.to(dy_ptr.dtype.element_ty), mask=m)
 
 
-_FP32_OUT_MM: dict[str, bool] = {}
-
-
 def projection_fp32(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``hidden · weightᵀ`` into ``out`` (a contiguous fp32 slab window). On CUDA where torch cannot write fp32
-    from half-precision operands (torch < 2.8), a product in the inputs' dtype is returned instead, as TRL's
-    head computes its logits. Off CUDA: upcast, exact."""
+    from half-precision operands (:func:`fp32_output_gemm`, torch < 2.8), a product in the inputs' dtype is
+    returned instead, as TRL's head computes its logits. Off CUDA: upcast, exact."""
     if hidden.dtype == torch.float32:
         return torch.mm(hidden, weight.t(), out=out)
     if hidden.device.type != "cuda":
         return torch.mm(hidden.float(), weight.float().t(), out=out)
-    if _FP32_OUT_MM.get("cuda", True):
-        try:
-            result = torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
-            _FP32_OUT_MM["cuda"] = True
-            return result
-        except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError from 2.5 on)
-            raise
-        except (TypeError, RuntimeError, NotImplementedError):  # this torch has no fp32-output GEMM
-            _FP32_OUT_MM["cuda"] = False
+    if fp32_output_gemm(hidden.device):
+        return torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
     return hidden @ weight.t()
 
 

@@ -18,6 +18,9 @@ the tokens are chunked. The kernel's grid is grouped (GROUP_N token blocks sweep
 as in Triton's matmul tutorial) so that their rows of H stay in L2 while W's tiles stream.
 """
 
+import functools
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -62,32 +65,39 @@ def dlogits_slab_kernel(
         tl.store(p_slab, tl.zeros((BLOCK_N, BLOCK_V), slab_ptr.dtype.element_ty), mask=m_slab)
 
 
-_FP32_OUT_GEMM: dict[str, bool] = {}
+@functools.lru_cache(maxsize=None)
+def fp32_output_gemm(device: torch.device) -> bool:
+    """Whether torch writes the fp32 product of half-precision operands in one GEMM on ``device``
+    (``out_dtype=torch.float32``; torch 2.8+ on CUDA). Checked once per device on a tiny product, so that an
+    error of a real GEMM (out of memory, a bad shape) is raised, never taken for a missing feature. Where it is
+    missing, it warns once: the GEMM schedules then round each product to the inputs' dtype before the fp32 add.
+    """
+    a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+    try:
+        torch.addmm(torch.zeros(16, 16, device=device), a, a, out_dtype=torch.float32)
+        return True
+    except (TypeError, RuntimeError, NotImplementedError) as error:
+        warnings.warn(f"torch {torch.__version__} has no fp32-output GEMM on {device} ({type(error).__name__}): "
+                      "halo-ops' slab and GEMM schedules take a half-precision product and an fp32 add",
+                      RuntimeWarning, stacklevel=2)
+        return False
 
 
 def add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a · b`` with fp32 accumulation for half-precision ``a``, ``b`` and an fp32 ``acc``.
 
-    On CUDA, one GEMM with an fp32 output (``torch.addmm(..., out_dtype=torch.float32)``, torch 2.8+);
-    where torch lacks it, a half-precision product and an fp32 add. Elsewhere (CPU, the interpreter)
-    the operands are upcast: exact, and slow only where nothing is fast.
+    On CUDA, one GEMM with an fp32 output (:func:`fp32_output_gemm`); where torch lacks it, a half-precision
+    product and an fp32 add. Elsewhere (CPU, the interpreter) the operands are upcast: exact, and slow only
+    where nothing is fast.
     """
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-        return
-    if a.device.type == "cuda":
-        if _FP32_OUT_GEMM.get("cuda", True):
-            try:
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-                _FP32_OUT_GEMM["cuda"] = True
-                return
-            except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError from 2.5 on)
-                raise
-            except (TypeError, RuntimeError, NotImplementedError):  # this torch has no fp32-output GEMM
-                _FP32_OUT_GEMM["cuda"] = False
+    elif a.device.type != "cuda":
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    elif fp32_output_gemm(a.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
         acc.add_(a @ b)
-        return
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def slab_shape(n_tokens: int, vocab: int, itemsize: int, slab_bytes: int | None = None) -> tuple[int, int]:

@@ -99,3 +99,21 @@ def test_a_run_stopped_at_its_deadline_keeps_every_measured_row(tmp_path):
     assert float(rows["plain"]["ms"]) > 0
     assert rows["fault-hang"]["note"].startswith("not measured") and rows["halo-ops[torch]"]["note"].startswith(
         "not measured")
+
+
+def test_device_run_halves_fit_their_budgets():
+    """Each half of bench/gpu_session.sh on a GPU: its steps' deadlines add up to at most its budget, under 6
+    minutes, so that both halves and a rerun fit a 15-minute device window."""
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh").read_text()
+    gpu = script.split("else\n", 1)[1].split("\nfi\n", 1)[0]  # the non-smoke branch of the settings
+    t = {name: int(value) for name, value in re.findall(r"\bT_([A-Z]+)=(\d+)", gpu)}
+    budget = int(re.search(r"BUDGET=(\d+)", gpu).group(1))
+    first = 2 * t["SETUP"] + t["ENV"] + t["WARM"] + t["TESTS"] + t["FLOOR"] + t["SCHED"] + t["PEER"] + t["KTO"] \
+        + t["FROZEN"] + t["LOSS"]
+    second = 2 * t["SETUP"] + t["ENV"] + t["SWEEP"] + 4 * t["PEER"] + t["COMPILE"]
+    assert first <= budget and second <= budget and budget < 360, (first, second, budget)
+    assert script.count("table \"peer $peer\"") == 1 and "for peer in cce plain torch.linear_cross_entropy " \
+        "cce-no-filter; do" in script  # the four peers the second sum counts

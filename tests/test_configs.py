@@ -237,5 +237,31 @@ def test_schedule_entries_drive_auto(tmp_path, monkeypatch, autotune):
     monkeypatch.setattr(kconfig, "device_arch", lambda _device: "sm_test")
     pick = {"impl": "triton", "grad_filter_eps": 0.0, "device": device, "dtype": torch.float32, "dim": 24}
     assert resolve_schedule("auto", deterministic=False, vocab=100, **pick) == "owner"
-    assert resolve_schedule("auto", deterministic=False, vocab=10**6, **pick) == "slab"  # another bucket: no entry
+    assert resolve_schedule("auto", deterministic=False, vocab=10**6, **pick) == "gemm"  # no entry: the prediction
     assert resolve_schedule("atomic", deterministic=False, vocab=100, **pick) == "atomic"  # named: as asked
+
+
+def test_a_missing_fp32_output_gemm_is_found_once_and_warned():
+    """The fp32-output GEMM is probed once per device on a tiny product (never inferred from a real GEMM's
+    error), and its absence is warned about once."""
+    import warnings
+
+    from halo_ops.kernels import slab_backward
+
+    slab_backward.fp32_output_gemm.cache_clear()
+    probes = []
+    real_addmm = torch.addmm
+
+    def addmm(*args, **kwargs):
+        probes.append(kwargs.get("out_dtype"))
+        raise RuntimeError("no out_dtype here")
+
+    with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as patch:
+        warnings.simplefilter("always")
+        patch.setattr(torch, "addmm", addmm)
+        device = torch.device("cpu")
+        assert slab_backward.fp32_output_gemm(device) is False
+        assert slab_backward.fp32_output_gemm(device) is False
+    assert probes == [torch.float32] and torch.addmm is real_addmm
+    assert len([w for w in caught if "no fp32-output GEMM" in str(w.message)]) == 1
+    slab_backward.fp32_output_gemm.cache_clear()
