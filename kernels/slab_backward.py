@@ -31,6 +31,10 @@ from .transform import transform_args
 
 SLAB_BYTES = 1 << 27  # 128 MiB of dL/dy: 4096 bf16 columns at 16384 tokens
 SLAB_COLUMN_MULTIPLE = 256  # every BLOCK_V divides it
+# Each vocabulary slice reads and rewrites the fp32 dH of its tokens once: below this width, chunk the tokens
+# instead of narrowing the slab (at N=262144 a 128 MiB slab would otherwise be 256 columns wide: 501 slices
+# at V=128256, each moving the 4 GiB dH twice, about 4 TB; at 2048 columns, 63 slices, about 540 GB).
+SLAB_MIN_COLUMNS = 2048
 GROUP_N = 8
 
 
@@ -102,10 +106,10 @@ def add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
 
 def slab_shape(n_tokens: int, vocab: int, itemsize: int, slab_bytes: int | None = None) -> tuple[int, int]:
     """(rows, cols) of the slab: the widest multiple of 256 columns that holds every token within the
-    budget, at least 256 columns (then the tokens are chunked to fit)."""
+    budget, at least ``SLAB_MIN_COLUMNS`` (or the whole vocabulary): then the tokens are chunked to fit."""
     budget = slab_bytes or SLAB_BYTES
     cols = budget // (max(n_tokens, 1) * itemsize) // SLAB_COLUMN_MULTIPLE * SLAB_COLUMN_MULTIPLE
-    cols = min(max(cols, SLAB_COLUMN_MULTIPLE), triton.cdiv(vocab, SLAB_COLUMN_MULTIPLE) * SLAB_COLUMN_MULTIPLE)
+    cols = min(max(cols, SLAB_MIN_COLUMNS), triton.cdiv(vocab, SLAB_COLUMN_MULTIPLE) * SLAB_COLUMN_MULTIPLE)
     rows = min(n_tokens, max(1, budget // (cols * itemsize)))
     return rows, cols
 

@@ -416,6 +416,7 @@ def test_slabs_in_slices_and_token_chunks(schedule, dtype, monkeypatch):
     whole = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, options, (True, True, True))
     itemsize = 4 if schedule == "gemm" else dtype.itemsize  # the GEMM schedule's logits slab is fp32
     budget = 256 * 20 * itemsize
+    monkeypatch.setattr(slab_backward, "SLAB_MIN_COLUMNS", 256)  # several slices at this small vocabulary
     assert slab_backward.slab_shape(66, 700, itemsize, budget) == (20, 256)
     monkeypatch.setattr(slab_backward, "SLAB_BYTES", budget)
     sliced = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, options, (True, True, True))
@@ -451,6 +452,7 @@ def test_frozen_head_jacobian_matches_recompute_and_fp64(impl, dtype, option, mo
     monkeypatch.setattr(chunked, "TOKEN_CHUNK", 16)
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 16 * 32)
     monkeypatch.setattr(slab_backward, "SLAB_BYTES", 256 * 20 * (4 + (dtype.itemsize if dtype != torch.float32 else 0)))
+    monkeypatch.setattr(slab_backward, "SLAB_MIN_COLUMNS", 256)
     calls = []
     real = jacobian.jacobian_forward
     monkeypatch.setattr(jacobian, "jacobian_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -504,3 +506,15 @@ def test_entropy_is_differentiable(impl, schedule, frozen, dtype):
     exact = gradients(reference, (hidden.double(), weight.double(), bias.double()))
     for name, g, p, e in zip(("hidden", "weight", "bias"), fast, plain, exact):
         assert_close_to_exact(g, p, e, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("n_tokens", [4096, 16384, 262144])
+def test_slab_keeps_its_width_and_chunks_tokens_instead(n_tokens):
+    """The slab never narrows below SLAB_MIN_COLUMNS (each slice moves the fp32 dH once): many tokens are
+    chunked to fit the byte budget instead."""
+    from halo_ops.kernels import slab_backward
+
+    rows, cols = slab_backward.slab_shape(n_tokens, 128256, 2)
+    assert cols >= slab_backward.SLAB_MIN_COLUMNS and cols % slab_backward.SLAB_COLUMN_MULTIPLE == 0
+    assert rows * cols * 2 <= slab_backward.SLAB_BYTES and (rows == n_tokens or rows * cols * 2 > slab_backward.SLAB_BYTES // 2)
+    assert slab_backward.slab_shape(64, 700, 2) == (64, 768)  # a small vocabulary: one slice of all of it
