@@ -97,9 +97,12 @@ def main(argv=None) -> None:
             try:
                 row["ms" if phase == "time" else "peak_mib"] = measure(*args_)
             except Exception as error:  # one failing provider costs its own row, not the table
-                row.pop("ms", None)
-                row["note"] = "out of memory" if isinstance(error, torch.OutOfMemoryError) else \
+                why = "out of memory" if isinstance(error, torch.OutOfMemoryError) else \
                     f"failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
+                if phase == "time":
+                    row["note"] = why
+                else:  # the time already measured stays in the table
+                    row["note"] = f"peak memory {why}"
                 if not isinstance(error, torch.OutOfMemoryError):
                     traceback.print_exc()
                 if cuda:

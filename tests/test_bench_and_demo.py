@@ -117,3 +117,21 @@ def test_device_run_halves_fit_their_budgets():
     assert first <= budget and second <= budget and budget < 360, (first, second, budget)
     assert script.count("table \"peer $peer\"") == 1 and "for peer in cce plain torch.linear_cross_entropy " \
         "cce-no-filter; do" in script  # the four peers the second sum counts
+
+
+def test_a_failing_peak_measurement_keeps_the_rows_time(tmp_path, monkeypatch):
+    real_peak = bench_cli.peak_row
+
+    def peak_row(provider, *args):
+        if provider.name == "plain":
+            raise RuntimeError("injected peak failure")
+        return real_peak(provider, *args)
+
+    monkeypatch.setattr(bench_cli, "peak_row", peak_row)
+    bench_cli.main(["--tokens", "64", "--hidden", "16", "--vocab", "300", "--dtype", "fp32", "--repeats", "1",
+                    "--cases", "forward-only", "--providers", "halo-ops[torch],plain", "--out", str(tmp_path),
+                    "--name", "peak"])
+    rows = {r["provider"]: r for r in _csv_rows(tmp_path / "peak.csv")}
+    assert float(rows["plain"]["ms"]) > 0 and not rows["plain"]["peak_mib"]
+    assert rows["plain"]["note"].startswith("peak memory failed: RuntimeError: injected peak failure")
+    assert float(rows["halo-ops[torch]"]["peak_mib"]) > 0
