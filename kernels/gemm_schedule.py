@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import device_arch, launch_options, select_config
+from .config import BlockConfig, device_arch, launch_options, select_config, vocab_splits
 from .slab_backward import backward_by_slabs, fp32_output_gemm, slab_shape, window
 from .tiles import dlogits_from_projection, empty_fold, fold_tile, partial_kinds, store_partials
 from .transform import logit_transform, transform_args
@@ -56,13 +56,13 @@ def fold_slab_columns(y_ptr, bias_ptr, b_target, o_n, m_n, v_lo, v_hi, stride_y,
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
 @triton.jit
 def logits_fold_kernel(
-    y_ptr, bias_ptr, targets_ptr, partials_ptr, stride_kind,
+    y_ptr, bias_ptr, targets_ptr, partials_ptr, stride_kind, stride_piece,
     N, V, stride_y, split_v, logit_scale, softcap, temperature, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Program (i, s) folds BLOCK_N rows of the slab over its columns [s · split_v, (s + 1) · split_v) into the
-    rows' partials of piece s (at ``s · N`` in each partial's array; ``split_v`` a multiple of BLOCK_V). The
+    rows' partials of piece s (at ``s · stride_piece`` in each partial's array; ``split_v`` a multiple of BLOCK_V). The
     targets are relative to the slab's first column; an ignored row's target logit is masked when the pieces
     merge."""
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -72,7 +72,7 @@ def logits_fold_kernel(
     b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = fold_slab_columns(
         y_ptr, bias_ptr, b_target, o_n, m_n, pid_s * split_v, tl.minimum((pid_s + 1) * split_v, V), stride_y,
         logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP, RETURN_STATS, BLOCK_N, BLOCK_V)
-    store_partials(partials_ptr, stride_kind, pid_s.to(tl.int64) * N + o_n, m_n, b_max, b_sum_exp, b_target_logit,
+    store_partials(partials_ptr, stride_kind, pid_s.to(tl.int64) * stride_piece + o_n, m_n, b_max, b_sum_exp, b_target_logit,
                    b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
 
 
@@ -119,21 +119,40 @@ def _slices(n_tokens: int, vocab: int, slab_bytes: int | None):
         [(n0, min(n0 + rows, n_tokens)) for n0 in range(0, n_tokens, rows)]
 
 
-def gemm_forward(hidden, weight, bias, targets, options, *, slab_bytes=None, config=None) -> torch.Tensor:
-    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] → partials [3 or 7, S, N] fp32, one piece per
-    vocabulary slice (``options``: a ``halo_ops.options.TokenOptions``; transform, ignore_index, return_stats)."""
+def fold_split_columns(rows: int, cols: int, config: BlockConfig, device: torch.device, splits: int | None = None) -> int:
+    """Columns per fold piece of a ``rows`` × ``cols`` slab (a multiple of BLOCK_V): enough pieces that the fold's
+    programs fill the GPU twice over (``config.vocab_splits`` with every row block in flight), or ``splits``."""
+    splits = splits or vocab_splits(rows, cols, config, device, group=rows)
+    return max(config.block_v, cols // splits // config.block_v * config.block_v)
+
+
+def fold_layout(rows: int, slices, config: BlockConfig, device: torch.device, splits: int | None = None):
+    """Per vocabulary slice, its fold's columns per piece (``fold_split_columns`` at the slice's width), and where
+    its first piece lies among all the pieces (``offsets``, one entry more: their number)."""
+    split_columns = [fold_split_columns(rows, v1 - v0, config, device, splits) for v0, v1 in slices]
+    offsets = [0]
+    for (v0, v1), split_v in zip(slices, split_columns):
+        offsets.append(offsets[-1] + triton.cdiv(v1 - v0, split_v))
+    return split_columns, offsets
+
+
+def gemm_forward(hidden, weight, bias, targets, options, *, slab_bytes=None, config=None, splits=None) -> torch.Tensor:
+    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] → partials [3 or 7, S, N] fp32, a piece per fold
+    piece of each vocabulary slice (``options``: a ``halo_ops.options.TokenOptions``; transform, ignore_index,
+    return_stats). ``splits``: fold pieces per slice (default: enough to fill the GPU, ``fold_split_columns``)."""
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     rows, cols, slices, chunks = _slices(n_tokens, vocab, slab_bytes)
-    stats = options.return_stats
-    partials = torch.empty((partial_kinds(stats), len(slices), n_tokens), dtype=torch.float32, device=hidden.device)
-    slab = torch.empty((rows, cols), dtype=torch.float32, device=hidden.device)
     cfg = config or select_config("fold", hidden.dtype, dim, vocab, device_arch(hidden.device))
+    split_columns, offsets = fold_layout(rows, slices, cfg, hidden.device, splits)
+    partials = torch.empty((partial_kinds(options.return_stats), offsets[-1], n_tokens), dtype=torch.float32,
+                           device=hidden.device)
+    slab = torch.empty((rows, cols), dtype=torch.float32, device=hidden.device)
     for k, (v0, v1) in enumerate(slices):
         for n0, n1 in chunks:
             y = projection_fp32(window(slab, n1 - n0, v1 - v0), hidden[n0:n1], weight[v0:v1])
             fold_logits(y, None if bias is None else bias[v0:v1], targets[n0:n1] - v0, options, cfg,
-                        out=partials[:, k : k + 1, n0:n1])
+                        out=partials[:, offsets[k] : offsets[k + 1], n0:n1], split_v=split_columns[k])
     return partials
 
 
@@ -146,10 +165,10 @@ def fold_logits(y, bias, targets, options, config, *, out=None, split_v=None) ->
     pieces = triton.cdiv(vocab, split_v)
     if out is None:
         out = torch.empty((partial_kinds(options.return_stats), pieces, n), dtype=torch.float32, device=y.device)
-    assert out.shape[1] == pieces and out.stride(2) == 1 and (pieces == 1 or out.stride(1) == n)
+    assert out.shape[1] == pieces and out.stride(2) == 1
     logits_fold_kernel[(triton.cdiv(n, config.block_n), pieces)](
-        y, bias, targets, out, out.stride(0), n, vocab, y.stride(0), split_v, RETURN_STATS=options.return_stats,
-        **transform_args(options.transform),
+        y, bias, targets, out, out.stride(0), out.stride(1), n, vocab, y.stride(0), split_v,
+        RETURN_STATS=options.return_stats, **transform_args(options.transform),
         **launch_options(config, with_block_d=False),
     )
     return out

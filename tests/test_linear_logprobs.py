@@ -403,7 +403,7 @@ def test_every_schedule_with_a_frozen_head_and_filtering(schedule):
 def test_slabs_in_slices_and_token_chunks(schedule, dtype, monkeypatch):
     """A slab budget far below the problem: vocabulary slices of 256 columns and chunks of 20 tokens, with the
     dW slice then accumulated in fp32; the same gradients as one slab, every slab element written."""
-    from halo_ops.kernels import linear_logprobs_backward, slab_backward
+    from halo_ops.kernels import gemm_schedule, linear_logprobs_backward, slab_backward
 
     case = Case(batch=1, seq=66, dim=24, vocab=700, bias=True, softcap=3.0, ignore_frac=0.2, dtype=dtype)
     hidden, weight, bias, targets, upstream = case.inputs()
@@ -419,6 +419,7 @@ def test_slabs_in_slices_and_token_chunks(schedule, dtype, monkeypatch):
     monkeypatch.setattr(slab_backward, "SLAB_MIN_COLUMNS", 256)  # several slices at this small vocabulary
     assert slab_backward.slab_shape(66, 700, itemsize, budget) == (20, 256)
     monkeypatch.setattr(slab_backward, "SLAB_BYTES", budget)
+    monkeypatch.setattr(gemm_schedule, "vocab_splits", lambda *args, **kwargs: 3)  # fold pieces of 2 widths
     sliced = linear_logprobs_backward(hidden, weight, bias, targets, lse, grad, options, (True, True, True))
     for one, many in zip(forward, triton_forward(hidden, weight, bias, targets, options)):  # 3 slices, 4 chunks
         torch.testing.assert_close(tuple(many), tuple(one))
@@ -426,6 +427,31 @@ def test_slabs_in_slices_and_token_chunks(schedule, dtype, monkeypatch):
     for one, many in zip(whole, sliced):
         assert many.dtype == one.dtype and torch.isfinite(many).all()
         torch.testing.assert_close(many.float(), one.float(), **(tolerance if dtype != torch.float32 else {}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fold_and_jacobian_launches_fill_an_h100_twice(dtype, monkeypatch):
+    """At the target shape (N=16384, D=4096, V=128256) on 132 SMs, every slab launch of the GEMM schedule's
+    forward and of the frozen head's sweep has at least two programs per SM (a row block per 64 tokens of a
+    2048-token slab gave 32 programs: a quarter of the GPU)."""
+    from types import SimpleNamespace
+
+    from halo_ops.kernels import gemm_schedule, jacobian, slab_backward
+    from halo_ops.kernels.config import select_config
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda, n, vocab, dim = torch.device("cuda"), 16384, 128256, 4096
+    cfg = select_config("fold", dtype, dim, vocab, "sm_90")
+    half = dtype != torch.float32
+    for rows, cols in (slab_backward.slab_shape(n, vocab, 4),  # the GEMM schedule's fp32 logits slab
+                       slab_backward.slab_shape(jacobian.CHUNK_ROWS, vocab, 4 + (dtype.itemsize if half else 0))):
+        slices = [(v0, min(v0 + cols, vocab)) for v0 in range(0, vocab, cols)]
+        split_columns, offsets = gemm_schedule.fold_layout(rows, slices, cfg, cuda)
+        for k, (v0, v1) in enumerate(slices):
+            programs = -(-rows // cfg.block_n) * (offsets[k + 1] - offsets[k])
+            assert programs >= 2 * 132, (rows, cols, v1 - v0, split_columns[k])
+        exp_programs = -(-rows // cfg.block_n) * -(-cols // cfg.block_v)  # the Jacobian's E tiles
+        assert exp_programs >= 2 * 132
 
 
 def test_schedule_errors():
@@ -447,8 +473,9 @@ def test_frozen_head_jacobian_matches_recompute_and_fp64(impl, dtype, option, mo
     chunks (PyTorch) or slabs (Triton: 2 vocabulary slices × 4 token chunks) so that the sweep rescales across
     many pieces of the vocabulary and, on CPU, compacts ignored rows."""
     from halo_ops import chunked
-    from halo_ops.kernels import jacobian, slab_backward
+    from halo_ops.kernels import gemm_schedule, jacobian, slab_backward
 
+    monkeypatch.setattr(gemm_schedule, "vocab_splits", lambda *args, **kwargs: 3)  # several fold pieces per slice
     monkeypatch.setattr(chunked, "TOKEN_CHUNK", 16)
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 16 * 32)
     monkeypatch.setattr(slab_backward, "SLAB_BYTES", 256 * 20 * (4 + (dtype.itemsize if dtype != torch.float32 else 0)))
