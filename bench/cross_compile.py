@@ -70,7 +70,7 @@ def compiling_for(arch: int):
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    from halo_ops.kernels import gemm_schedule, interpreting, linear_logprobs_bwd, linear_logprobs_fwd, slab_backward
+    from halo_ops.kernels import config, interpreting, linear_logprobs_fwd
 
     if interpreting() or not isinstance(linear_logprobs_fwd.linear_logprobs_fwd_kernel.fn, JITFunction):
         raise RuntimeError("cross-compiling needs compiled kernels: run it in a process without TRITON_INTERPRET=1")
@@ -83,17 +83,14 @@ def compiling_for(arch: int):
         return compiled
 
     previous = driver._active if hasattr(driver, "_active") else driver.active  # Triton ≥ 3.4, and before
-    launchers = (linear_logprobs_fwd, linear_logprobs_bwd, slab_backward, gemm_schedule)
-    real_arch = [module.device_arch for module in launchers]
+    real_arch = config.device_arch
     driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run = compile_only
-    for module in launchers:  # the launchers pick their configs for the target, not for the CPU tensors
-        module.device_arch = lambda _device: f"sm_{arch}"
+    config.device_arch = lambda _device: f"sm_{arch}"  # the launchers pick configs for the target, not the CPU
     try:
         yield launches
     finally:
-        for module, real in zip(launchers, real_arch):
-            module.device_arch = real
+        config.device_arch = real_arch
         JITFunction.run = real_run
         driver.set_active(previous)
 

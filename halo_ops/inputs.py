@@ -55,7 +55,8 @@ def resolve_schedule(schedule: str, *, impl: str, deterministic: bool, grad_filt
     then tensor-core GEMMs through torch, deterministic); or ``"gemm"``, both directions with every
     product a torch GEMM and Triton folds over bounded slabs (deterministic).
 
-    ``"auto"`` takes the tuned table's measured winner for this GPU, dtype and (D, V) bucket
+    ``"auto"``, where ``halo_ops.autotune`` has not measured this call's key on this GPU (it is off, or
+    tracing), takes the shipped table's measured winner for this GPU, precision and (D, V) bucket
     (``python -m bench.autotune --kernels schedule``). Where it has none, the best written prediction
     (bench/NOTES.md items 16, 17 and 26): ``"atomic"`` with gradient filtering (whose all-zero tiles skip their
     GEMMs there; ``"owner"`` when ``deterministic``), else ``"gemm"`` (about 120 ms forward+backward predicted
@@ -138,9 +139,16 @@ def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_
     if not (isinstance(grad_filter_eps, (int, float)) and 0 <= grad_filter_eps < float("inf")):
         raise ValueError(f"grad_filter_eps must be a finite number >= 0, got {grad_filter_eps!r}")
     impl = resolve_impl(impl, hidden.device, hidden.dtype)
-    schedule = resolve_schedule(schedule, impl=impl, deterministic=bool(deterministic), grad_filter_eps=grad_filter_eps,
+    resolved = resolve_schedule(schedule, impl=impl, deterministic=bool(deterministic), grad_filter_eps=grad_filter_eps,
                                 device=hidden.device, dtype=hidden.dtype, dim=weight.shape[1], vocab=weight.shape[0])
     options = TokenOptions(impl=impl, transform=transform, ignore_index=int(ignore_index),
-                           return_stats=bool(return_stats), schedule=schedule, grad_filter_eps=float(grad_filter_eps))
+                           return_stats=bool(return_stats), schedule=resolved, grad_filter_eps=float(grad_filter_eps))
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
-    return hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, options, sharding
+    if schedule == "auto" and impl == "triton":
+        from . import autotune
+
+        needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias))
+        options = autotune.choose(flat_hidden, weight, bias, flat_targets, options, deterministic=bool(deterministic),
+                                  needs=needs) or options
+    return flat_hidden, weight, bias, flat_targets, options, sharding

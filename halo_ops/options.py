@@ -32,6 +32,9 @@ class TokenOptions:
     schedule: str = "atomic"  # the backward's schedule, resolved: atomic, owner, slab (Triton) or chunked (torch)
     grad_filter_eps: float = 0.0  # softmax probabilities below it count as 0 in the backward
     save_jacobian: bool = False  # frozen head: the forward builds d logp / d hidden, the backward only scales it
+    # block configs measured for this call's key (halo_ops.autotune): ((kernel, BLOCK_N, BLOCK_V, BLOCK_D, warps,
+    # stages), ...); a kernel not named takes kernels.config.select_config's
+    configs: tuple = ()
 
 
 def encode(options) -> str:
@@ -41,7 +44,8 @@ def encode(options) -> str:
     fields = []
     for field in dataclasses.fields(options):
         value = getattr(options, field.name)
-        fields.append(f"{field.name}={encode(value) if dataclasses.is_dataclass(value) else repr(value)}")
+        nested = isinstance(value, tuple(_REGISTRY.values()))  # not is_dataclass: dynamo cannot trace it on a tuple
+        fields.append(f"{field.name}={encode(value) if nested else repr(value)}")
     return type(options).__name__ + "(" + ", ".join(fields) + ")"
 
 

@@ -46,6 +46,24 @@ FP32_KERNEL_CONFIGS = {"forward": BlockConfig(block_n=64, block_v=64, block_d=16
 # half the D block and one stage fewer compile with no spills.
 _DW_SMALLER = BlockConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=2)
 HALF_ARCH_CONFIGS = {("backward_dw", "sm_100"): _DW_SMALLER, ("backward_dw", "sm_80"): _DW_SMALLER}
+# float32 at torch.set_float32_matmul_precision("high"/"medium"): the dots run as TF32 on the tensor cores, so the
+# operands stream through shared memory as half precision's do (4 bytes each, hence BLOCK_D 32 where half takes 64).
+TF32_CONFIG = BlockConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3)
+
+# What the autotuner (halo_ops.autotune on first use, python -m bench.autotune offline) tries beside the default,
+# per precision class. Hopper and Blackwell hold 228 KiB of shared memory per SM and take bigger tiles (wgmma and
+# tcgen05 want 128-row tiles); Ampere and Ada keep to the tiles that fit their 99-164 KiB. Each one compiles
+# without spills for the kernels it is tried on (python -m bench.cross_compile --candidates).
+CANDIDATES = {
+    "half": [BlockConfig(64, 128, 64, 4, 4), BlockConfig(128, 64, 64, 4, 3), BlockConfig(64, 256, 64, 8, 3),
+             BlockConfig(128, 128, 32, 8, 4)],
+    "half_large": [BlockConfig(128, 128, 64, 8, 3), BlockConfig(128, 128, 64, 8, 4), BlockConfig(128, 256, 64, 8, 3),
+                   BlockConfig(128, 256, 64, 16, 3), BlockConfig(128, 128, 128, 8, 2)],
+    "float32": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2),
+                BlockConfig(32, 128, 32, 8, 2)],
+    "tf32": [BlockConfig(64, 64, 32, 4, 3), BlockConfig(128, 128, 32, 8, 3), BlockConfig(128, 64, 32, 8, 3)],
+}
+LARGE_TILE_ARCHS = ("sm_90", "sm_100")
 
 # A tuned table is keyed on (kernel, GPU architecture, dtype, hidden bucket, vocabulary bucket); a
 # bucket is the smallest edge at or above the size.
@@ -59,8 +77,15 @@ def bucket(size: int, edges: tuple[int, ...]) -> int:
     return next(edge for edge in edges if size <= edge)
 
 
+def precision_class(dtype: torch.dtype) -> str:
+    """``bfloat16``, ``float16``, ``float32`` (exact dots) or ``tf32`` (float32 at a matmul precision below
+    "highest", read now): the tiles and the tuned entries go by it."""
+    name = str(dtype).removeprefix("torch.")
+    return "tf32" if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" else name
+
+
 def table_key(kernel: str, arch: str, dtype: torch.dtype, hidden: int, vocab: int) -> tuple:
-    return kernel, arch, str(dtype).removeprefix("torch."), bucket(hidden, HIDDEN_BUCKETS), bucket(vocab, VOCAB_BUCKETS)
+    return kernel, arch, precision_class(dtype), bucket(hidden, HIDDEN_BUCKETS), bucket(vocab, VOCAB_BUCKETS)
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,10 +137,32 @@ def select_config(kernel: str, dtype: torch.dtype, hidden: int, vocab: int, arch
 
 
 def default_config(kernel: str, dtype: torch.dtype, arch: str | None) -> BlockConfig:
-    """The built-in config, before any tuning: by dtype, and by architecture where it needs one."""
-    if dtype == torch.float32:
+    """The built-in config, before any tuning: by precision class, and by architecture where it needs one."""
+    precision = precision_class(dtype)
+    if precision == "tf32":
+        return TF32_CONFIG
+    if precision == "float32":
         return FP32_KERNEL_CONFIGS.get(kernel, FP32_CONFIG)
     return HALF_ARCH_CONFIGS.get((kernel, arch), HALF_CONFIG)
+
+
+def candidate_configs(kernel: str, dtype: torch.dtype, arch: str | None) -> list[BlockConfig]:
+    """The default config for this kernel first, then the candidates the autotuner tries beside it."""
+    precision = precision_class(dtype)
+    if precision in ("bfloat16", "float16"):
+        candidates = CANDIDATES["half"] + (CANDIDATES["half_large"] if arch in LARGE_TILE_ARCHS else [])
+    else:
+        candidates = CANDIDATES[precision]
+    return list(dict.fromkeys([default_config(kernel, dtype, arch), *candidates]))
+
+
+def config_for(kernel: str, options, hidden: torch.Tensor, weight: torch.Tensor) -> BlockConfig:
+    """The config a launcher runs ``kernel`` with: the one measured for this call's key (``options.configs``,
+    from halo_ops.autotune), else ``select_config``'s."""
+    for name, *fields in getattr(options, "configs", ()):
+        if name == kernel:
+            return BlockConfig(*fields)
+    return select_config(kernel, hidden.dtype, weight.shape[1], weight.shape[0], device_arch(hidden.device))
 
 
 def dot_options(dtype: torch.dtype) -> dict:

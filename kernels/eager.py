@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .config import device_arch, launch_options, select_config
+from .config import config_for, launch_options
 from .gemm_schedule import dlogits_from_slab_kernel, fold_logits, projection_fp32
 from .slab_backward import add_product_fp32, window
 from .transform import transform_args
@@ -54,7 +54,7 @@ def eager_gradients(hidden, weight, bias, targets, options, rows: int, chunk_coe
     logits = torch.empty((rows, vocab), **f32)
     half = hidden.dtype != torch.float32
     dlogits = torch.empty((rows, vocab), dtype=hidden.dtype, device=hidden.device) if half else None
-    cfg = config or select_config("fold", hidden.dtype, dim, vocab, device_arch(hidden.device))
+    cfg = config or config_for("fold", options, hidden, weight)
     eps = float(options.grad_filter_eps)
     for r0 in range(0, n_tokens, rows):
         r1 = min(r0 + rows, n_tokens)

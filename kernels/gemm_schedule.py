@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import BlockConfig, device_arch, launch_options, select_config, vocab_splits
+from .config import BlockConfig, config_for, launch_options, vocab_splits
 from .slab_backward import backward_by_slabs, fp32_output_gemm, slab_shape, window
 from .tiles import dlogits_from_projection, empty_fold, fold_tile, partial_kinds, store_partials
 from .transform import logit_transform, transform_args
@@ -143,7 +143,7 @@ def gemm_forward(hidden, weight, bias, targets, options, *, slab_bytes=None, con
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     rows, cols, slices, chunks = _slices(n_tokens, vocab, slab_bytes)
-    cfg = config or select_config("fold", hidden.dtype, dim, vocab, device_arch(hidden.device))
+    cfg = config or config_for("fold", options, hidden, weight)
     split_columns, offsets = fold_layout(rows, slices, cfg, hidden.device, splits)
     partials = torch.empty((partial_kinds(options.return_stats), offsets[-1], n_tokens), dtype=torch.float32,
                            device=hidden.device)
@@ -182,7 +182,7 @@ def gemm_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs
     vocab = weight.shape[0]
     rows, cols, _, _ = _slices(n_tokens, vocab, slab_bytes)
     logits = torch.empty((rows, cols), dtype=torch.float32, device=hidden.device)
-    cfg = config or select_config("fold", hidden.dtype, dim, vocab, device_arch(hidden.device))
+    cfg = config or config_for("fold", options, hidden, weight)
     eps = float(options.grad_filter_eps)
 
     def write_dy(n0, n1, v0, v1, dy):

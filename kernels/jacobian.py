@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import device_arch, launch_options, select_config
+from .config import config_for, launch_options
 from .gemm_schedule import fold_layout, fold_logits, load_projection, projection_fp32
 from .slab_backward import add_product_fp32, slab_shape, window
 from .tiles import partial_kinds
@@ -75,7 +75,7 @@ def jacobian_forward(hidden, weight, bias, targets, options, *, slab_bytes=None,
     half = hidden.dtype != torch.float32  # E goes to its own half-precision slab; fp32 E overwrites the logits
     rows, cols = slab_shape(min(n_tokens, CHUNK_ROWS), vocab, 4 + (hidden.dtype.itemsize if half else 0), slab_bytes)
     slices = [(v0, min(v0 + cols, vocab)) for v0 in range(0, vocab, cols)]
-    cfg = config or select_config("fold", hidden.dtype, dim, vocab, device_arch(hidden.device))
+    cfg = config or config_for("fold", options, hidden, weight)
     split_columns, offsets = fold_layout(rows, slices, cfg, hidden.device, splits)
     f32 = {"dtype": torch.float32, "device": hidden.device}
     partials = torch.empty((partial_kinds(options.return_stats), offsets[-1], n_tokens), **f32)

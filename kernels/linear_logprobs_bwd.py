@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import BlockConfig, device_arch, dot_options, launch_options, select_config
+from .config import BlockConfig, config_for, dot_options, launch_options
 from . import gemm_schedule
 from . import slab_backward as slab
 from .tiles import dlogits_tile, has_gradient
@@ -229,11 +229,9 @@ def linear_logprobs_backward(
         else:  # every slice is written below, or zeros when there is nothing to add
             grad_w = (torch.empty if n_tokens else torch.zeros)((vocab, dim), dtype=weight.dtype, device=weight.device)
     if n_tokens > 0 and (needs_h or needs_w or needs_b):
-        arch = device_arch(hidden.device)
-
         def launch(kernel, name, grid_axes, v0, v1, *outputs, **flags):
             """``kernel`` over vocabulary rows [v0, v1): W, b and the targets are taken relative to v0."""
-            cfg = config or select_config(name, hidden.dtype, dim, vocab, arch)
+            cfg = config or config_for(name, options, hidden, weight)
             blocks = {"tokens": triton.cdiv(n_tokens, cfg.block_n), "vocab": triton.cdiv(v1 - v0, cfg.block_v)}
             kernel[tuple(blocks[axis] for axis in grid_axes)](
                 hidden, weight[v0:v1], None if bias is None else bias[v0:v1], targets - v0 if v0 else targets,

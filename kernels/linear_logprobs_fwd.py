@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import gemm_schedule
-from .config import BlockConfig, device_arch, dot_options, launch_options, select_config, vocab_splits
+from .config import BlockConfig, config_for, dot_options, launch_options, vocab_splits
 from .tiles import empty_fold, fold_tile, grouped_program, partial_kinds, projection_tile, store_partials
 from .transform import logit_transform, transform_args
 
@@ -85,7 +85,7 @@ def linear_logprobs_forward(
         return gemm_schedule.gemm_forward(hidden, weight, bias, targets, options, config=config)
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
-    config = config or select_config("forward", hidden.dtype, dim, vocab, device_arch(hidden.device))
+    config = config or config_for("forward", options, hidden, weight)
     splits = splits or vocab_splits(n_tokens, vocab, config, hidden.device, group)
     vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), config.block_v) * config.block_v
     splits = triton.cdiv(vocab, vocab_per_split)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import device_arch, dot_options, launch_options, select_config
+from .config import config_for, dot_options, launch_options
 from .tiles import dlogits_tile, grouped_program, has_gradient
 from .transform import transform_args
 
@@ -173,7 +173,7 @@ def slab_backward(hidden, weight, bias, targets, lse, grad_logps, options, needs
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     rows, cols = slab_shape(n_tokens, vocab, hidden.dtype.itemsize, slab_bytes)
-    cfg = config or select_config("slab", hidden.dtype, dim, vocab, device_arch(hidden.device))
+    cfg = config or config_for("slab", options, hidden, weight)
     eps = float(options.grad_filter_eps)
 
     def write_dy(n0, n1, v0, v1, dy):
