@@ -22,38 +22,15 @@ from pathlib import Path
 import torch
 
 from halo_ops.kernels import BlockConfig, linear_logprobs_backward, linear_logprobs_forward
-from halo_ops.kernels.config import BACKWARD_SCHEDULES, KERNELS, SCHEDULE, default_config, device_arch, table_key
+from halo_ops.autotune import TOLERANCE, relative_error
+from halo_ops.kernels.config import (BACKWARD_SCHEDULES, KERNELS, SCHEDULE, candidate_configs, default_config,
+                                     device_arch, precision_class, table_key)
 from halo_ops.options import TokenOptions
 from halo_ops.partials import merge_partials
 from halo_ops.token_op import weight_slice_rows
 
 from .measure import DTYPES, Shape, median_seconds
 from .report import RUNS, environment
-
-# Candidates around the defaults (kernels/config.py): bigger token and vocabulary blocks for reuse,
-# fewer warps, deeper pipelines. Those that do not fit a GPU fail to compile there and are skipped.
-HALF_CANDIDATES = [
-    BlockConfig(64, 128, 64, 8, 3),
-    BlockConfig(128, 128, 64, 8, 3),
-    BlockConfig(128, 64, 64, 4, 3),
-    BlockConfig(64, 256, 64, 8, 3),
-    BlockConfig(128, 256, 64, 8, 3),
-    BlockConfig(64, 128, 64, 4, 4),
-    BlockConfig(128, 128, 32, 8, 4),
-    BlockConfig(64, 128, 128, 8, 2),
-]
-FP32_CANDIDATES = [
-    BlockConfig(64, 64, 16, 8, 2),
-    BlockConfig(64, 64, 32, 8, 1),
-    BlockConfig(32, 64, 32, 8, 2),
-    BlockConfig(64, 128, 16, 8, 2),
-    BlockConfig(32, 128, 32, 8, 2),
-]
-# What each candidate's result may differ from the default's by, relative to the result's largest
-# entry: the order of the fp32 sums changes with the blocks (and with atomics, from run to run),
-# and half-precision gradients are rounded once at the end.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-
 
 def backward_call(schedule: str, needs, hidden, weight, targets, config: BlockConfig | None):
     """A no-argument callable: the backward launcher by ``schedule``, as the op runs it; returns its gradients."""
@@ -119,27 +96,24 @@ def check_and_time(row: dict, call, expected, baseline: str, dtype, device, repe
     except Exception as exc:  # noqa: BLE001 - a candidate that does not compile here is a result too
         row["failure"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
         return row
-    if row["error"] > TOLERANCE[dtype]:
+    if row["error"] > TOLERANCE[precision_class(dtype)]:
         row["failure"] = f"result differs from {baseline} by {row['error']:.2e} (relative)"
     else:
         row["ms"] = timer(call, device, repeats) * 1e3
     return row
 
 
-def relative_error(result, expected) -> float:
-    return max(((r.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-30)).item()
-               for r, e in zip(result, expected))
-
-
-def tune(kernel: str, shape: Shape, device: torch.device, candidates: list[BlockConfig], repeats: int = 3,
-         timer=None, arch: str | None = None) -> list[dict]:
+def tune(kernel: str, shape: Shape, device: torch.device, candidates: list[BlockConfig] | None = None,
+         repeats: int = 3, timer=None, arch: str | None = None) -> list[dict]:
     """One row per candidate: config, ms (None if it failed), relative error against the default's result.
 
-    The baseline is the built-in default for ``arch``. ``timer(call, device, repeats)`` → seconds;
+    The baseline is the built-in default for ``arch``; ``candidates`` default to ``kernels.config.candidate_configs``
+    for the kernel, precision and ``arch``. ``timer(call, device, repeats)`` → seconds;
     default ``bench.measure.median_seconds``."""
     timer = timer or median_seconds
     hidden, weight, targets = shape.inputs(device, requires_grad=False)
     default = default_config(kernel, shape.dtype, arch)
+    candidates = candidate_configs(kernel, shape.dtype, arch) if candidates is None else candidates
     expected = kernel_call(kernel, hidden, weight, targets, default)()
     rows = []
     for config in dict.fromkeys([default, *candidates]):
@@ -218,7 +192,7 @@ def main(argv=None) -> None:
     if args.candidates:
         candidates = [BlockConfig(*(int(x) for x in c.split(","))) for c in args.candidates.split(";")]
     else:
-        candidates = FP32_CANDIDATES if dtype == torch.float32 else HALF_CANDIDATES
+        candidates = None  # kernels.config.candidate_configs, per kernel
     env = environment(device)
     results, entries = [], []
     for hidden in (int(x) for x in args.hidden.split(",")):

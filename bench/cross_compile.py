@@ -108,7 +108,8 @@ class Case:
     grad_filter_eps: float = 0.0
     needs: tuple[bool, bool, bool] = (True, True, True)
     matmul_precision: str = "highest"  # torch.set_float32_matmul_precision: "high" takes fp32 GEMMs to TF32
-    config: object = None  # kernels.BlockConfig, None: the launcher's choice
+    config: object = None  # kernels.BlockConfig for every launch, {kernel: BlockConfig} for one; None: the launchers' own
+
     forward_gradients: bool = False  # also the frozen head's Jacobian forward and the fused losses' eager schedule
 
 
@@ -139,6 +140,35 @@ def standard_cases() -> list[Case]:
     return cases
 
 
+def candidate_cases(arch: int) -> list[Case]:
+    """The autotuner's configs on ``sm_<arch>`` (``kernels.config.candidate_configs``: the default and the
+    candidates), each on the
+    heaviest specialization (bias, softcap, statistics, filtering) of the schedules that launch its kernel."""
+    from halo_ops.kernels.config import candidate_configs
+
+    schedules = {"forward": ("atomic",), "backward": ("atomic",), "backward_dh": ("owner",),
+                 "backward_dw": ("owner",), "slab": ("slab",), "fold": ("gemm",)}
+    heavy = {"bias": True, "softcap": True, "grad_filter_eps": 2**-12, "return_stats": True}
+    cases = []
+    for label, dtype, matmul in (("bfloat16", torch.bfloat16, "highest"), ("float32", torch.float32, "highest"),
+                                 ("float32 TF32", torch.float32, "high")):
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(matmul)
+        try:
+            tried = {kernel: candidate_configs(kernel, dtype, f"sm_{arch}") for kernel in schedules}  # default too
+        finally:
+            torch.set_float32_matmul_precision(precision)
+        for kernel, configs in tried.items():
+            for config in configs:
+                tiles = "x".join(map(str, (config.block_n, config.block_v, config.block_d))) + \
+                    f" w{config.num_warps} s{config.num_stages}"
+                for schedule in schedules[kernel]:
+                    cases.append(Case(f"{label} {kernel} candidate {tiles}", dtype, schedule=schedule,
+                                      matmul_precision=matmul, forward_gradients=kernel == "fold",
+                                      config={kernel: config}, **heavy))
+    return cases
+
+
 def launch_case(case: Case, n_tokens: int = 256, dim: int = 256, vocab: int = 1024) -> None:
     """Run the forward and backward launchers (and the KTO sequence kernel) once for ``case``."""
     from halo_ops.kernels import kto_sequence_terms, linear_logprobs_backward, linear_logprobs_forward
@@ -155,7 +185,11 @@ def launch_case(case: Case, n_tokens: int = 256, dim: int = 256, vocab: int = 10
     options = TokenOptions("triton", LogitTransform(softcap=30.0 if case.softcap else None),
                            return_stats=case.return_stats, schedule=case.schedule,
                            grad_filter_eps=case.grad_filter_eps)
-    config = {"config": case.config} if case.config is not None else {}
+    if isinstance(case.config, dict):  # one kernel's config, as a measured choice travels (options.configs)
+        from dataclasses import astuple, replace
+
+        options = replace(options, configs=tuple((kernel, *astuple(c)) for kernel, c in case.config.items()))
+    config = {"config": case.config} if case.config is not None and not isinstance(case.config, dict) else {}
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(case.matmul_precision)
     try:
@@ -267,6 +301,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="only the cases of this dtype (bfloat16, float16, float32)")
     parser.add_argument("--config", default=None,
                         help="BLOCK_N,BLOCK_V,BLOCK_D,warps,stages for every launch (default: the launchers' own)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="build the autotuner's candidate configs (kernels.config.CANDIDATES) instead")
     parser.add_argument("--out", type=Path, default=None, help="write <name>.md and <name>.json here")
     parser.add_argument("--name", default="cross-compile", help="results file stem (default: cross-compile)")
     args = parser.parse_args(argv)
@@ -282,7 +318,8 @@ def main(argv=None) -> int:
         cases = [replace(c, config=config) for c in cases]
     rows = []
     for arch in (int(a) for a in args.arch.split(",")):
-        rows += build(cases, arch)
+        arch_cases = candidate_cases(arch) if args.candidates else cases
+        rows += build([c for c in arch_cases if args.dtype is None or c.label.startswith(args.dtype)], arch)
     from .report import environment
 
     date = environment(torch.device("cpu"))["date"]

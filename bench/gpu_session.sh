@@ -29,6 +29,8 @@ MODE=${1:-run}
 OUT=${OUT:-bench/results/gpu-session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# halo-ops[auto] rows show the unmeasured choice (table, then prediction); the autotune step measures first use
+export HALO_OPS_AUTOTUNE=0
 PY=python3
 
 if [ "$MODE" = smoke ]; then
@@ -38,13 +40,13 @@ if [ "$MODE" = smoke ]; then
     N=256; D=32; V=1000; SEQ=64; DTYPE=fp32; DEVICE=cpu; SLAB="256,256,32;256,256,1000"; WARM_N=64
     # deadlines in seconds; each half's add up to its BUDGET
     T_SETUP=0; T_ENV=30; T_WARM=60; T_TESTS=90; T_FLOOR=30; T_SCHED=150; T_PEER=60; T_KTO=120; T_FROZEN=60
-    T_LOSS=60; T_SWEEP=150; T_COMPILE=90; T_FAULT=30
+    T_LOSS=60; T_SWEEP=150; T_COMPILE=90; T_FAULT=30; T_AUTO=90
     BUDGET=900
 else
     N=16384; D=4096; V=128256; SEQ=1024; DTYPE=bf16; DEVICE=cuda; SLAB="8192,16384,4096;16384,8192,4096"; WARM_N=1024
-    # first: 25+25+15+45+40+20+55+35+35+25+30 = 350; second: 25+25+15+90+35+35+35+35+55 = 350
+    # first: 25+25+15+45+40+20+55+35+35+25+30 = 350; second: 25+25+15+40+55+35+35+35+35+50 = 350
     T_SETUP=25; T_ENV=15; T_WARM=45; T_TESTS=40; T_FLOOR=20; T_SCHED=55; T_PEER=35; T_KTO=35; T_FROZEN=25
-    T_LOSS=30; T_SWEEP=90; T_COMPILE=55; T_FAULT=0
+    T_LOSS=30; T_SWEEP=55; T_COMPILE=50; T_FAULT=0; T_AUTO=40
     BUDGET=350
 fi
 SHAPE="--tokens $N --hidden $D --vocab $V --dtype $DTYPE --device $DEVICE"
@@ -122,6 +124,9 @@ first_half() {
 }
 
 second_half() {
+    # schedule="auto" on first use, as a user meets it: what it measures, chooses and costs (compiles included)
+    step autotune "$T_AUTO" "HALO_OPS_AUTOTUNE=1 HALO_OPS_CACHE_DIR=$WORK/autotune-cache $PY -m halo_ops.autotune \
+        --tokens $N --hidden $D --vocab $V --dtype $DTYPE --device $DEVICE | tee $WORK/autotune-first-use.json"
     # what impl='auto' should run here: every schedule timed and checked, then the slab and forward tiles
     step sweep "$T_SWEEP" "$PY -m bench.autotune --device $DEVICE --tokens $N --hidden $D --vocab $V \
         --dtype $DTYPE --kernels schedule,slab,fold,forward $ARCH --repeats 1 \

@@ -267,3 +267,52 @@ def _checked_against_gemm(best: TokenOptions, options: TokenOptions, hidden, wei
                   f"schedule by {error:.2e} (relative) on {device_name(hidden.device)}; the gemm schedule is used. "
                   "Please report this.", RuntimeWarning, stacklevel=3)
     return dataclasses.replace(options, schedule="gemm", configs=())
+
+
+def main(argv=None) -> int:
+    """``python -m halo_ops.autotune``: measure one shape's key now (before training, say) and print its entry."""
+    import argparse
+
+    from .inputs import prepare_linear_inputs
+
+    parser = argparse.ArgumentParser(prog="python -m halo_ops.autotune", description=main.__doc__)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bias", action="store_true")
+    parser.add_argument("--softcap", type=float, default=None)
+    parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--frozen-head", action="store_true", help="dH only (the head needs no gradient)")
+    args = parser.parse_args(argv)
+    os.environ[ENV_AUTOTUNE] = "1"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device = torch.device(args.device)
+    hidden = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(args.vocab, args.hidden, device=device, dtype=dtype) * args.hidden**-0.5)
+    weight.requires_grad_(not args.frozen_head)
+    bias = torch.zeros(args.vocab, device=device, dtype=dtype, requires_grad=not args.frozen_head) if args.bias else None
+    targets = torch.randint(0, args.vocab, (args.tokens,), device=device)
+    from .transform import LogitTransform
+
+    needs = (True, not args.frozen_head, args.bias and not args.frozen_head)
+    options_class = option_class(bias, TokenOptions("triton", LogitTransform(softcap=args.softcap)),
+                                 args.deterministic, needs)
+    key = cache_key(device, dtype, args.hidden, args.vocab, args.tokens, options_class)
+    was_cached = cached_choice(key) is not None
+    started = time.perf_counter()
+    prepare_linear_inputs(hidden, weight, targets, bias, ignore_index=-100, logit_scale=1.0, softcap=args.softcap,
+                          temperature=1.0, impl="auto", return_stats=False, check_targets=False, check_finite=False,
+                          deterministic=args.deterministic, grad_filter_eps=0.0)
+    entry = cached_choice(key)
+    if entry is None:
+        print(f"no choice was made for {key}: impl='auto' does not run the Triton kernels on {device}")
+        return 1
+    print(json.dumps({"key": key, "cache": str(cache_file()), "from_cache": was_cached,
+                      "wall_seconds": round(time.perf_counter() - started, 3), **entry}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

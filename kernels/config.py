@@ -51,17 +51,50 @@ HALF_ARCH_CONFIGS = {("backward_dw", "sm_100"): _DW_SMALLER, ("backward_dw", "sm
 TF32_CONFIG = BlockConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3)
 
 # What the autotuner (halo_ops.autotune on first use, python -m bench.autotune offline) tries beside the default,
-# per precision class. Hopper and Blackwell hold 228 KiB of shared memory per SM and take bigger tiles (wgmma and
-# tcgen05 want 128-row tiles); Ampere and Ada keep to the tiles that fit their 99-164 KiB. Each one compiles
-# without spills for the kernels it is tried on (python -m bench.cross_compile --candidates).
+# per precision class and kernel ("fold" covers the slab folds: logits, dL/dy and the Jacobian's weights). Hopper
+# and Blackwell hold 228 KiB of shared memory per SM and take bigger tiles (wgmma and tcgen05 want 128-row tiles);
+# Ampere and Ada keep to the tiles that fit their 99-164 KiB. Each one compiles without spills for the kernel it is
+# tried on, in its heaviest specialization (bias, softcap, statistics, filtering): python -m bench.cross_compile
+# --candidates, on every architecture it is tried on; the configs that spilled there are left out (bench/NOTES.md
+# item 28).
 CANDIDATES = {
-    "half": [BlockConfig(64, 128, 64, 4, 4), BlockConfig(128, 64, 64, 4, 3), BlockConfig(64, 256, 64, 8, 3),
-             BlockConfig(128, 128, 32, 8, 4)],
-    "half_large": [BlockConfig(128, 128, 64, 8, 3), BlockConfig(128, 128, 64, 8, 4), BlockConfig(128, 256, 64, 8, 3),
-                   BlockConfig(128, 256, 64, 16, 3), BlockConfig(128, 128, 128, 8, 2)],
-    "float32": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2),
-                BlockConfig(32, 128, 32, 8, 2)],
-    "tf32": [BlockConfig(64, 64, 32, 4, 3), BlockConfig(128, 128, 32, 8, 3), BlockConfig(128, 64, 32, 8, 3)],
+    "half": {
+        "forward": [],  # every bigger tile spills with the statistics' seven running partials (NOTES item 28)
+        "backward": [BlockConfig(128, 64, 64, 4, 3), BlockConfig(64, 256, 64, 8, 3)],
+        "backward_dh": [],
+        "backward_dw": [],
+        "slab": [BlockConfig(64, 128, 64, 4, 4), BlockConfig(128, 64, 64, 4, 3), BlockConfig(64, 256, 64, 8, 3)],
+        "fold": [BlockConfig(32, 128, 64, 4, 3), BlockConfig(64, 64, 64, 4, 3), BlockConfig(32, 256, 64, 8, 3)],
+    },
+    "half_large": {
+        "forward": [],
+        "backward": [BlockConfig(128, 128, 32, 8, 4), BlockConfig(128, 128, 64, 8, 4),
+                     BlockConfig(128, 128, 64, 16, 3)],
+        "backward_dh": [BlockConfig(128, 128, 32, 8, 4)],
+        "backward_dw": [],
+        "slab": [BlockConfig(128, 128, 64, 8, 3), BlockConfig(128, 128, 64, 8, 4)],
+        "fold": [],
+    },
+    "float32": {
+        "forward": [BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2), BlockConfig(32, 128, 32, 8, 2)],
+        "backward": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2),
+                     BlockConfig(32, 128, 32, 8, 2)],
+        "backward_dh": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2),
+                        BlockConfig(32, 128, 32, 8, 2)],
+        "backward_dw": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2)],
+        "slab": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2),
+                 BlockConfig(32, 128, 32, 8, 2)],
+        "fold": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2),
+                 BlockConfig(32, 128, 32, 8, 2)],
+    },
+    "tf32": {
+        "forward": [BlockConfig(128, 64, 32, 8, 3), BlockConfig(64, 64, 32, 4, 3)],
+        "backward": [BlockConfig(128, 64, 32, 8, 3), BlockConfig(64, 64, 32, 4, 3)],
+        "backward_dh": [],
+        "backward_dw": [],
+        "slab": [BlockConfig(128, 64, 32, 8, 3), BlockConfig(64, 64, 32, 4, 3)],
+        "fold": [BlockConfig(128, 64, 32, 8, 3), BlockConfig(64, 64, 32, 4, 3)],
+    },
 }
 LARGE_TILE_ARCHS = ("sm_90", "sm_100")
 
@@ -150,9 +183,9 @@ def candidate_configs(kernel: str, dtype: torch.dtype, arch: str | None) -> list
     """The default config for this kernel first, then the candidates the autotuner tries beside it."""
     precision = precision_class(dtype)
     if precision in ("bfloat16", "float16"):
-        candidates = CANDIDATES["half"] + (CANDIDATES["half_large"] if arch in LARGE_TILE_ARCHS else [])
+        candidates = CANDIDATES["half"][kernel] + (CANDIDATES["half_large"][kernel] if arch in LARGE_TILE_ARCHS else [])
     else:
-        candidates = CANDIDATES[precision]
+        candidates = CANDIDATES[precision][kernel]
     return list(dict.fromkeys([default_config(kernel, dtype, arch), *candidates]))
 
 
@@ -179,9 +212,14 @@ def dot_options(dtype: torch.dtype) -> dict:
 
 
 def launch_options(config: BlockConfig, with_block_d: bool = True) -> dict:
-    """Block sizes, warps and stages as launch keywords (``with_block_d=False`` for kernels without a D loop)."""
+    """Block sizes, warps and stages as launch keywords (``with_block_d=False`` for kernels without a D loop).
+
+    Floating-point contraction (a · b + c as one FMA, one rounding) is asked for explicitly: the kernels were
+    checked with it, and Triton's default comes from ``TRITON_DEFAULT_FP_FUSION`` (on until 3.9, to be off from
+    3.10), which would change the numerics from one Triton to the next. ``TRITON_FORCE_DISABLE_FP_FUSION=1``
+    still turns it off. The interpreter ignores the keyword."""
     options = {"BLOCK_N": config.block_n, "BLOCK_V": config.block_v, "num_warps": config.num_warps,
-               "num_stages": config.num_stages}
+               "num_stages": config.num_stages, "enable_fp_fusion": True}
     if with_block_d:
         options["BLOCK_D"] = config.block_d
     return options

@@ -109,5 +109,6 @@ def kto_sequence_terms(
         losses, coeff, rewards, sums,
         batch, 1.0 / max(batch, 1), float(beta), float(desirable_weight), float(undesirable_weight),
         HAS_KL=kl is not None, HAS_TOKEN_STATS=token_stats is not None, BLOCK=block,
+        enable_fp_fusion=True,  # as every launch: kernels.config.launch_options
     )
     return losses, coeff, rewards, sums
