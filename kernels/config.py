@@ -48,7 +48,8 @@ _DW_SMALLER = BlockConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_
 HALF_ARCH_CONFIGS = {("backward_dw", "sm_100"): _DW_SMALLER, ("backward_dw", "sm_80"): _DW_SMALLER}
 # float32 at torch.set_float32_matmul_precision("high"/"medium"): the dots run as TF32 on the tensor cores, so the
 # operands stream through shared memory as half precision's do (4 bytes each, hence BLOCK_D 32 where half takes 64).
-TF32_CONFIG = BlockConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3)
+# Two stages: with three the atomic backward needs 104 KiB of shared memory, over sm_89's 99 KiB.
+TF32_CONFIG = BlockConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=2)
 
 # What the autotuner (halo_ops.autotune on first use, python -m bench.autotune offline) tries beside the default,
 # per precision class and kernel ("fold" covers the slab folds: logits, dL/dy and the Jacobian's weights). Hopper
@@ -60,7 +61,7 @@ TF32_CONFIG = BlockConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_
 CANDIDATES = {
     "half": {
         "forward": [],  # every bigger tile spills with the statistics' seven running partials (NOTES item 28)
-        "backward": [BlockConfig(128, 64, 64, 4, 3), BlockConfig(64, 256, 64, 8, 3)],
+        "backward": [],
         "backward_dh": [],
         "backward_dw": [],
         "slab": [BlockConfig(64, 128, 64, 4, 4), BlockConfig(128, 64, 64, 4, 3), BlockConfig(64, 256, 64, 8, 3)],
@@ -68,8 +69,8 @@ CANDIDATES = {
     },
     "half_large": {
         "forward": [],
-        "backward": [BlockConfig(128, 128, 32, 8, 4), BlockConfig(128, 128, 64, 8, 4),
-                     BlockConfig(128, 128, 64, 16, 3)],
+        "backward": [BlockConfig(128, 128, 32, 8, 4), BlockConfig(128, 128, 64, 8, 4), BlockConfig(128, 128, 64, 16, 3),
+                     BlockConfig(128, 64, 64, 4, 3), BlockConfig(64, 256, 64, 8, 3)],
         "backward_dh": [BlockConfig(128, 128, 32, 8, 4)],
         "backward_dw": [],
         "slab": [BlockConfig(128, 128, 64, 8, 3), BlockConfig(128, 128, 64, 8, 4)],
@@ -77,23 +78,32 @@ CANDIDATES = {
     },
     "float32": {
         "forward": [BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2), BlockConfig(32, 128, 32, 8, 2)],
-        "backward": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2),
-                     BlockConfig(32, 128, 32, 8, 2)],
-        "backward_dh": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2),
-                        BlockConfig(32, 128, 32, 8, 2)],
-        "backward_dw": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2)],
+        "backward": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2)],
+        "backward_dh": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(32, 128, 32, 8, 2)],
+        "backward_dw": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(64, 128, 16, 8, 2)],
         "slab": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2),
                  BlockConfig(32, 128, 32, 8, 2)],
         "fold": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2),
                  BlockConfig(32, 128, 32, 8, 2)],
     },
+    "float32_large": {
+        "forward": [], "slab": [], "fold": [],
+        "backward": [BlockConfig(64, 128, 16, 8, 2), BlockConfig(32, 128, 32, 8, 2)],
+        "backward_dh": [BlockConfig(64, 128, 16, 8, 2)],
+        "backward_dw": [BlockConfig(32, 64, 32, 8, 2)],
+    },
     "tf32": {
-        "forward": [BlockConfig(128, 64, 32, 8, 3), BlockConfig(64, 64, 32, 4, 3)],
-        "backward": [BlockConfig(128, 64, 32, 8, 3), BlockConfig(64, 64, 32, 4, 3)],
+        "forward": [BlockConfig(128, 64, 32, 8, 2), BlockConfig(64, 64, 32, 4, 2)],
+        "backward": [BlockConfig(128, 64, 32, 8, 2), BlockConfig(64, 64, 32, 4, 2)],
         "backward_dh": [],
         "backward_dw": [],
-        "slab": [BlockConfig(128, 64, 32, 8, 3), BlockConfig(64, 64, 32, 4, 3)],
-        "fold": [BlockConfig(128, 64, 32, 8, 3), BlockConfig(64, 64, 32, 4, 3)],
+        "slab": [BlockConfig(128, 64, 32, 8, 2), BlockConfig(64, 64, 32, 4, 2)],
+        "fold": [BlockConfig(128, 64, 32, 8, 2), BlockConfig(64, 64, 32, 4, 2)],
+    },
+    "tf32_large": {
+        "forward": [BlockConfig(128, 64, 32, 8, 3)], "backward": [BlockConfig(128, 64, 32, 8, 3)],
+        "backward_dh": [], "backward_dw": [], "slab": [BlockConfig(128, 64, 32, 8, 3)],
+        "fold": [BlockConfig(128, 64, 32, 8, 3)],
     },
 }
 LARGE_TILE_ARCHS = ("sm_90", "sm_100")
@@ -181,11 +191,8 @@ def default_config(kernel: str, dtype: torch.dtype, arch: str | None) -> BlockCo
 
 def candidate_configs(kernel: str, dtype: torch.dtype, arch: str | None) -> list[BlockConfig]:
     """The default config for this kernel first, then the candidates the autotuner tries beside it."""
-    precision = precision_class(dtype)
-    if precision in ("bfloat16", "float16"):
-        candidates = CANDIDATES["half"][kernel] + (CANDIDATES["half_large"][kernel] if arch in LARGE_TILE_ARCHS else [])
-    else:
-        candidates = CANDIDATES[precision][kernel]
+    family = {"bfloat16": "half", "float16": "half"}.get(precision_class(dtype), precision_class(dtype))
+    candidates = CANDIDATES[family][kernel] + (CANDIDATES[family + "_large"][kernel] if arch in LARGE_TILE_ARCHS else [])
     return list(dict.fromkeys([default_config(kernel, dtype, arch), *candidates]))
 
 

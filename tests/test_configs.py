@@ -55,7 +55,8 @@ def test_tf32_takes_its_own_tiles_and_table_entries(precision, monkeypatch):
     for kernel in kconfig.KERNELS:
         assert kconfig.select_config(kernel, torch.float32, 4096, 128256, "sm_90") == kconfig.TF32_CONFIG
     assert kconfig.table_key("forward", "sm_90", torch.float32, 4096, 128256)[2] == "tf32"
-    assert kconfig.candidate_configs("forward", torch.float32, "sm_90")[1:] == kconfig.CANDIDATES["tf32"]["forward"]
+    assert kconfig.candidate_configs("forward", torch.float32, "sm_90")[1:] == \
+        kconfig.CANDIDATES["tf32"]["forward"] + kconfig.CANDIDATES["tf32_large"]["forward"]
 
 
 def test_candidates_by_architecture():
