@@ -1,4 +1,4 @@
-"""``python -m bench.cross_compile``: build every kernel specialization for an NVIDIA GPU, on any machine.
+"""``python -m bench.cross_compile``: build every kernel specialization for an NVIDIA or AMD GPU, on any machine.
 
 Triton compiles for a target without a GPU present: only the launch needs the driver. This module
 stands in a driver that names a target (``sm_100`` for B200, ``sm_90`` for H100/H200, ``sm_80`` for
@@ -14,6 +14,13 @@ tensors. Each specialization the ops produce is therefore built exactly as a GPU
 - the global atomics in the machine code (SASS): ``red`` (RED/REDG, fire-and-forget reductions) or ``atom``
   (ATOM/ATOMG, a read-modify-write that waits for its result);
 - programs per SM from registers, shared memory and warps, the occupancy bound.
+
+AMD Instinct targets (``gfx942`` for MI300X/MI325X, ``gfx950`` for MI355X) compile through Triton's AMD
+backend to AMDGCN and an hsaco, read from the assembly's metadata: VGPRs (AGPRs included) and SGPRs,
+scratch and spilled registers, LDS per workgroup against the architecture's limit, waves per SIMD
+(the occupancy the compiler reports), MFMA instructions for the dots, and the global atomics
+(``buffer_atomic_add_f32``/``global_atomic_add_f32``: a float add in memory, ``red`` without a returned value,
+``atom`` with one; or a compare-and-swap loop, ``cas``).
 
 It runs without TRITON_INTERPRET (kernels must be compiled, not interpreted, in this process).
 """
@@ -44,6 +51,23 @@ ARCH_LIMITS = {
 }
 REGISTERS_PER_SM = 65536
 MAX_PROGRAMS_PER_SM = 32
+# AMD Instinct (CDNA 3 and 4 ISA guides): LDS one workgroup may use; 64-lane waves.
+AMD_LIMITS = {"gfx942": {"lds_per_workgroup": 65536}, "gfx950": {"lds_per_workgroup": 163840}}
+ARCHS = (*ARCH_LIMITS, *AMD_LIMITS)
+
+
+def target_name(arch) -> str:
+    """``sm_90`` for 90, ``gfx942`` for "gfx942": the name kernels.config.device_arch gives such a GPU."""
+    return arch if str(arch).startswith("gfx") else f"sm_{arch}"
+
+
+def parse_archs(text: str) -> list:
+    """``"80,90,gfx942"`` → [80, 90, "gfx942"], each checked against the known targets."""
+    archs = [a if a.startswith("gfx") else int(a) for a in (x.strip() for x in text.split(",")) if a]
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise SystemExit(f"unknown --arch {unknown}: known {', '.join(map(str, ARCHS))}")
+    return archs
 
 
 class _TargetDriver:
@@ -63,9 +87,9 @@ class _TargetDriver:
 
 
 @contextlib.contextmanager
-def compiling_for(arch: int):
-    """Inside, every Triton launch compiles for ``sm_<arch>`` and launches nothing; yields the list of
-    (kernel name, CompiledKernel) pairs, one per launch."""
+def compiling_for(arch):
+    """Inside, every Triton launch compiles for ``sm_<arch>`` (an int) or an AMD ``gfx…`` target and launches
+    nothing; yields the list of (kernel name, CompiledKernel) pairs, one per launch."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
@@ -84,9 +108,10 @@ def compiling_for(arch: int):
 
     previous = driver._active if hasattr(driver, "_active") else driver.active  # Triton ≥ 3.4, and before
     real_arch = config.device_arch
-    driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
+    target = GPUTarget("hip", arch, 64) if target_name(arch).startswith("gfx") else GPUTarget("cuda", arch, 32)
+    driver.set_active(_TargetDriver(target))
     JITFunction.run = compile_only
-    config.device_arch = lambda _device: f"sm_{arch}"  # the launchers pick configs for the target, not the CPU
+    config.device_arch = lambda _device: target_name(arch)  # the launchers pick configs for the target, not the CPU
     try:
         yield launches
     finally:
@@ -140,8 +165,15 @@ def standard_cases() -> list[Case]:
     return cases
 
 
-def candidate_cases(arch: int) -> list[Case]:
-    """The autotuner's configs on ``sm_<arch>`` (``kernels.config.candidate_configs``: the default and the
+def config_label(config) -> str:
+    """``64x128x64 w8 s3``, with the AMD options where set (``wpe2 mfma16 kpack2``)."""
+    amd = "".join(f" {name}{getattr(config, field)}" for name, field in (
+        ("wpe", "waves_per_eu"), ("mfma", "matrix_instr_nonkdim"), ("kpack", "kpack")) if getattr(config, field))
+    return f"{config.block_n}x{config.block_v}x{config.block_d} w{config.num_warps} s{config.num_stages}{amd}"
+
+
+def candidate_cases(arch) -> list[Case]:
+    """The autotuner's configs on ``arch`` (``kernels.config.candidate_configs``: the default and the
     candidates), each on the
     heaviest specialization (bias, softcap, statistics, filtering) of the schedules that launch its kernel."""
     from halo_ops.kernels.config import candidate_configs
@@ -155,13 +187,12 @@ def candidate_cases(arch: int) -> list[Case]:
         precision = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(matmul)
         try:
-            tried = {kernel: candidate_configs(kernel, dtype, f"sm_{arch}") for kernel in schedules}  # default too
+            tried = {kernel: candidate_configs(kernel, dtype, target_name(arch)) for kernel in schedules}  # default too
         finally:
             torch.set_float32_matmul_precision(precision)
         for kernel, configs in tried.items():
             for config in configs:
-                tiles = "x".join(map(str, (config.block_n, config.block_v, config.block_d))) + \
-                    f" w{config.num_warps} s{config.num_stages}"
+                tiles = config_label(config)
                 for schedule in schedules[kernel]:
                     cases.append(Case(f"{label} {kernel} candidate {tiles}", dtype, schedule=schedule,
                                       matmul_precision=matmul, forward_gradients=kernel == "fold",
@@ -216,8 +247,10 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def resource_usage(compiled, arch: int) -> dict:
+def resource_usage(compiled, arch) -> dict:
     """Registers, spills, shared memory, matrix instructions and programs per SM of one compiled kernel."""
+    if target_name(arch).startswith("gfx"):
+        return amd_resource_usage(compiled, arch)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -252,8 +285,42 @@ def resource_usage(compiled, arch: int) -> dict:
     }
 
 
-def build(cases: list[Case], arch: int) -> list[dict]:
-    """One row per compiled kernel: the case, the kernel and its resource usage on ``sm_<arch>``."""
+def amd_resource_usage(compiled, arch: str) -> dict:
+    """The same row for an AMD target, from the AMDGCN assembly's metadata: ``registers`` are VGPRs per lane
+    (AGPRs included), ``spill_bytes`` the scratch per lane plus the spilled VGPRs and SGPRs (4 bytes each),
+    ``programs_per_sm`` the waves per SIMD the compiler reports."""
+    amdgcn = compiled.asm["amdgcn"]
+
+    def field(pattern: str) -> int:
+        found = re.findall(pattern, amdgcn)
+        return max(int(x) for x in found) if found else 0
+
+    vgprs = field(r"; TotalNumVgprs: (\d+)") or field(r"\.vgpr_count:\s+(\d+)")
+    spilled = field(r"\.vgpr_spill_count:\s+(\d+)") + field(r"\.sgpr_spill_count:\s+(\d+)")
+    scratch = field(r"; ScratchSize: (\d+)") or field(r"\.private_segment_fixed_size:\s+(\d+)")
+    shared = compiled.metadata.shared
+    # a float add the hardware does in memory: "red" without a returned value (no glc/sc0 modifier), "atom" with
+    # one; "cas": a compare-and-swap loop where the arch has no such add
+    adds = re.findall(r"^\s*(?:global|buffer|flat)_atomic_(?:pk_)?add_(?:f32|bf16|f16)\b.*$", amdgcn, re.M)
+    atomics = ("cas" if re.search(r"\b(global|buffer|flat)_atomic_cmpswap", amdgcn)
+               else "atom" if any(re.search(r"\b(glc|sc0)\b", line) for line in adds)
+               else "red" if adds else "none")
+    return {
+        "registers": vgprs,
+        "sgprs": field(r"\.sgpr_count:\s+(\d+)"),
+        "spill_bytes": scratch + 4 * spilled,
+        "shared_bytes": shared,
+        "fits": shared <= AMD_LIMITS[arch]["lds_per_workgroup"],
+        "matrix": "mfma" if re.search(r"\bv_mfma_", amdgcn) else "none",
+        "atomics": atomics,
+        "warps": compiled.metadata.num_warps,
+        "stages": compiled.metadata.num_stages,
+        "programs_per_sm": field(r"; Occupancy: (\d+)"),
+    }
+
+
+def build(cases: list[Case], arch) -> list[dict]:
+    """One row per compiled kernel: the case, the kernel and its resource usage on ``sm_<arch>`` or ``gfx…``."""
     rows = []
     for case in cases:
         with compiling_for(arch) as launches:
@@ -263,7 +330,7 @@ def build(cases: list[Case], arch: int) -> list[dict]:
             if name in seen:
                 continue
             seen.add(name)
-            rows.append({"arch": f"sm_{arch}", "case": case.label, "kernel": name,
+            rows.append({"arch": target_name(arch), "case": case.label, "kernel": name,
                          **resource_usage(compiled, arch)})
     return rows
 
@@ -282,22 +349,25 @@ def problems(rows: list[dict], *, tensor_cores: bool = True) -> list[str]:
         if tensor_cores and half and row["kernel"].startswith("linear_logprobs") and row["matrix"] == "none":
             found.append(f"{where} uses no tensor-core instructions")
         if row["atomics"] == "atom":
-            found.append(f"{where} uses returning atomics (ATOM in its SASS): accumulations need only reductions (RED)")
+            found.append(f"{where} uses returning atomics (ATOM in its SASS, glc/sc0 in its AMDGCN): accumulations "
+                         "need only reductions")
+        if row["atomics"] == "cas":
+            found.append(f"{where} accumulates through a compare-and-swap loop, not a hardware float atomic add")
     return found
 
 
 def markdown(rows: list[dict]) -> str:
-    columns = ["arch", "case", "kernel", "registers", "spill_bytes", "shared_bytes", "matrix", "atomics", "warps",
-               "stages", "programs_per_sm"]
+    columns = ["arch", "case", "kernel", "registers", "sgprs", "spill_bytes", "shared_bytes", "matrix", "atomics",
+               "warps", "stages", "programs_per_sm"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cross_compile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="80,89,90,100", help=f"comma list of {', '.join(map(str, ARCH_LIMITS))}")
+    parser.add_argument("--arch", default="80,89,90,100,gfx942,gfx950", help=f"comma list of {', '.join(map(str, ARCHS))}")
     parser.add_argument("--dtype", default=None, help="only the cases of this dtype (bfloat16, float16, float32)")
     parser.add_argument("--config", default=None,
                         help="BLOCK_N,BLOCK_V,BLOCK_D,warps,stages for every launch (default: the launchers' own)")
@@ -317,7 +387,7 @@ def main(argv=None) -> int:
         config = BlockConfig(*(int(x) for x in args.config.split(",")))
         cases = [replace(c, config=config) for c in cases]
     rows = []
-    for arch in (int(a) for a in args.arch.split(",")):
+    for arch in parse_archs(args.arch):
         arch_cases = candidate_cases(arch) if args.candidates else cases
         rows += build([c for c in arch_cases if args.dtype is None or c.label.startswith(args.dtype)], arch)
     from .report import environment

@@ -23,8 +23,13 @@ class BlockConfig:
     block_n: int
     block_v: int
     block_d: int
-    num_warps: int = 8
+    num_warps: int = 8  # on AMD, 64-lane waves
     num_stages: int = 3
+    # AMD only (Triton's HIP options; 0 leaves the compiler's choice): a waves-per-SIMD occupancy hint, and the
+    # MFMA instruction's non-K size (16 or 32)
+    waves_per_eu: int = 0
+    matrix_instr_nonkdim: int = 0
+    kpack: int = 0  # AMD CDNA 3: 2 packs two K elements per MFMA operand load (CDNA 4 takes only 1)
 
 
 KERNELS = ("forward", "backward", "backward_dh", "backward_dw", "slab", "fold")
@@ -46,6 +51,21 @@ FP32_KERNEL_CONFIGS = {"forward": BlockConfig(block_n=64, block_v=64, block_d=16
 # half the D block and one stage fewer compile with no spills.
 _DW_SMALLER = BlockConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=2)
 HALF_ARCH_CONFIGS = {("backward_dw", "sm_100"): _DW_SMALLER, ("backward_dw", "sm_80"): _DW_SMALLER}
+# AMD Instinct, half precision: the same tiles (num_warps counts 64-lane waves there: 8 waves = 512 lanes), with
+# the AMD backend's two-stage stream pipelining, 16×16 MFMA instructions, and on CDNA 3 (MI300X) kpack=2, as
+# AMD's MI300 Triton tuning guide sets for GEMMs. Predictions: compiled and checked (python -m bench.cross_compile
+# --arch gfx942,gfx950), never timed.
+AMD_ARCHS = ("gfx942", "gfx950")
+AMD_HALF_CONFIGS = {
+    "gfx942": BlockConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=2, matrix_instr_nonkdim=16,
+                          kpack=2),
+    "gfx950": BlockConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=2, matrix_instr_nonkdim=16),
+}
+# float32 on AMD, in the heaviest specialization (bias, softcap, statistics, filtering): the exact-fp32 dW pass
+# spills 16 bytes on gfx950 with FP32_CONFIG and none with half the vocabulary block; TF32 (XF32 on gfx942, three
+# bf16 products on gfx950) spills 468-728 bytes in the dW pass with TF32_CONFIG and none with 64 × 64 tiles.
+AMD_FP32_KERNEL_CONFIGS = {"backward_dw": BlockConfig(block_n=64, block_v=32, block_d=16, num_warps=8, num_stages=2)}
+AMD_TF32_CONFIG = BlockConfig(block_n=64, block_v=64, block_d=32, num_warps=8, num_stages=2)
 # float32 at torch.set_float32_matmul_precision("high"/"medium"): the dots run as TF32 on the tensor cores, so the
 # operands stream through shared memory as half precision's do (4 bytes each, hence BLOCK_D 32 where half takes 64).
 # Two stages: with three the atomic backward needs 104 KiB of shared memory, over sm_89's 99 KiB.
@@ -76,6 +96,18 @@ CANDIDATES = {
         "slab": [BlockConfig(128, 128, 64, 8, 3), BlockConfig(128, 128, 64, 8, 4)],
         "fold": [],
     },
+    # AMD: the candidates that spilled in the dW (and dH) passes are kept to the other kernels
+    "half_amd": {kernel: [BlockConfig(64, 128, 32, 8, 2, matrix_instr_nonkdim=16),
+                          BlockConfig(64, 64, 64, 8, 2, matrix_instr_nonkdim=16),
+                          BlockConfig(64, 128, 64, 8, 2, waves_per_eu=2, matrix_instr_nonkdim=16),
+                          *([] if kernel == "backward_dw" else [BlockConfig(64, 128, 64, 8, 2, matrix_instr_nonkdim=32)])]
+                 for kernel in KERNELS},
+    "float32_amd": {kernel: [BlockConfig(64, 32, 16, 8, 2),
+                             *([] if kernel in ("backward_dh", "backward_dw") else [BlockConfig(64, 64, 16, 4, 2)])]
+                    for kernel in KERNELS},
+    "tf32_amd": {kernel: [*([] if kernel == "backward_dw" else [BlockConfig(64, 64, 16, 8, 2)]),
+                          *([] if kernel in ("backward_dh", "backward_dw") else [BlockConfig(32, 64, 32, 8, 2)])]
+                 for kernel in KERNELS},
     "float32": {
         "forward": [BlockConfig(32, 64, 32, 8, 2), BlockConfig(64, 128, 16, 8, 2), BlockConfig(32, 128, 32, 8, 2)],
         "backward": [BlockConfig(64, 64, 32, 8, 1), BlockConfig(32, 64, 32, 8, 2)],
@@ -162,9 +194,14 @@ def tuned_schedule(dtype: torch.dtype, hidden: int, vocab: int, arch: str | None
 
 
 def device_arch(device: torch.device) -> str | None:
-    """``sm_90`` for an H100, None off CUDA (the interpreter takes the defaults)."""
+    """``sm_90`` for an H100, ``gfx942`` for an MI300X, None off a GPU (the interpreter takes the defaults).
+
+    ROCm's torch reports its GPUs as ``cuda`` devices too, with a capability such as (9, 4) that is not an
+    NVIDIA architecture: there the name comes from ``gcnArchName`` (``gfx942:sramecc+:xnack-``)."""
     if device.type != "cuda":
         return None
+    if torch.version.hip:
+        return torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}"
 
@@ -182,17 +219,24 @@ def select_config(kernel: str, dtype: torch.dtype, hidden: int, vocab: int, arch
 def default_config(kernel: str, dtype: torch.dtype, arch: str | None) -> BlockConfig:
     """The built-in config, before any tuning: by precision class, and by architecture where it needs one."""
     precision = precision_class(dtype)
+    amd = arch in AMD_ARCHS
     if precision == "tf32":
-        return TF32_CONFIG
+        return AMD_TF32_CONFIG if amd else TF32_CONFIG
     if precision == "float32":
-        return FP32_KERNEL_CONFIGS.get(kernel, FP32_CONFIG)
+        return (amd and AMD_FP32_KERNEL_CONFIGS.get(kernel)) or FP32_KERNEL_CONFIGS.get(kernel, FP32_CONFIG)
+    if amd:
+        return AMD_HALF_CONFIGS[arch]
     return HALF_ARCH_CONFIGS.get((kernel, arch), HALF_CONFIG)
 
 
 def candidate_configs(kernel: str, dtype: torch.dtype, arch: str | None) -> list[BlockConfig]:
     """The default config for this kernel first, then the candidates the autotuner tries beside it."""
     family = {"bfloat16": "half", "float16": "half"}.get(precision_class(dtype), precision_class(dtype))
-    candidates = CANDIDATES[family][kernel] + (CANDIDATES[family + "_large"][kernel] if arch in LARGE_TILE_ARCHS else [])
+    if arch in AMD_ARCHS:
+        candidates = CANDIDATES[family + "_amd"][kernel]
+    else:
+        candidates = CANDIDATES[family][kernel] + (CANDIDATES[family + "_large"][kernel] if arch in LARGE_TILE_ARCHS
+                                                   else [])
     return list(dict.fromkeys([default_config(kernel, dtype, arch), *candidates]))
 
 
@@ -205,15 +249,41 @@ def config_for(kernel: str, options, hidden: torch.Tensor, weight: torch.Tensor)
     return select_config(kernel, hidden.dtype, weight.shape[1], weight.shape[0], device_arch(hidden.device))
 
 
+# AMD targets whose matrix cores take TF32 (XF32): CDNA 3. CDNA 4 (gfx950) has none; Triton's AMD backend then
+# offers "bf16x3" (three bf16 products, more accurate than TF32) where it has it, else exact fp32.
+AMD_TF32_ARCHS = ("gfx940", "gfx941", "gfx942")
+
+
+def launch_target():
+    """The (backend, arch) the next launch compiles for, e.g. ("cuda", 90) or ("hip", "gfx942"); None under the
+    interpreter."""
+    if interpreting():
+        return None
+    from triton.runtime import driver
+
+    target = driver.active.get_current_target()
+    return target.backend, target.arch
+
+
 def dot_options(dtype: torch.dtype) -> dict:
     """constexprs for tl.dot. float32 follows torch.get_float32_matmul_precision(): exact ("ieee") at
-    the default "highest", TF32 tensor cores at "high" or "medium", as torch's own matmuls do. bfloat16
-    tiles become fp32 under the interpreter, which multiplies their bit patterns (triton-lang/triton#11584)."""
+    the default "highest", TF32 tensor cores at "high" or "medium", as torch's own matmuls do (on an AMD GPU
+    without TF32, "bf16x3" where Triton has it, else exact). bfloat16 tiles become fp32 under the interpreter,
+    which multiplies their bit patterns (triton-lang/triton#11584)."""
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 inputs, got {dtype}")
     exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    precision = "ieee" if exact else "tf32"  # for bf16/fp16 operands NVIDIA's Triton ignores it
+    target = launch_target()
+    if target is not None and target[0] == "hip":  # the AMD backend accepts only the precisions its arch has
+        if dtype != torch.float32:
+            precision = "ieee"
+        elif not exact and target[1] not in AMD_TF32_ARCHS:
+            from triton.backends.amd.compiler import HIPOptions
+
+            precision = "bf16x3" if "bf16x3" in HIPOptions.allowed_dot_input_precisions else "ieee"
     return {
-        "INPUT_PRECISION": "ieee" if exact else "tf32",
+        "INPUT_PRECISION": precision,
         "UPCAST_BF16": interpreting() and dtype == torch.bfloat16,
     }
 
@@ -227,6 +297,9 @@ def launch_options(config: BlockConfig, with_block_d: bool = True) -> dict:
     still turns it off. The interpreter ignores the keyword."""
     options = {"BLOCK_N": config.block_n, "BLOCK_V": config.block_v, "num_warps": config.num_warps,
                "num_stages": config.num_stages, "enable_fp_fusion": True}
+    for amd_option in ("waves_per_eu", "matrix_instr_nonkdim", "kpack"):  # only AMD entries set them: NVIDIA's Triton
+        if getattr(config, amd_option):                         # rejects the keywords
+            options[amd_option] = getattr(config, amd_option)
     if with_block_d:
         options["BLOCK_D"] = config.block_d
     return options
