@@ -253,6 +253,72 @@ def test_every_specialization_builds_for_ampere_ada_hopper_and_blackwell(tmp_pat
     assert atomic and all(r["atomics"] == "red" for r in atomic)  # relaxed reductions, no acq_rel round trips
 
 
+def test_every_specialization_builds_for_amd_instinct(tmp_path):
+    """The same specializations compile for MI300X (gfx942) and MI355X (gfx950) through Triton's AMD backend,
+    with no scratch or spilled registers, within the LDS a workgroup may use, on MFMA instructions for every dot
+    (half precision and fp32 alike), and accumulating through in-memory float adds that return nothing."""
+    amd = pytest.importorskip("triton.backends.amd.compiler")
+    if hasattr(amd.HIPBackend, "path_to_rocm_lld"):  # older Triton links with ROCm's ld.lld, not in its wheel
+        try:
+            amd.HIPBackend.path_to_rocm_lld()
+        except Exception as exc:  # noqa: BLE001
+            pytest.skip(f"this Triton's AMD backend needs a ROCm install to link: {exc}")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    result = subprocess.run([sys.executable, "-m", "bench.cross_compile", "--arch", "gfx942,gfx950", "--out",
+                             str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "TRITON_DEFAULT_FP_FUSION" not in result.stderr
+    rows = json.loads((tmp_path / "cross-compile.json").read_text())
+    for arch in ("gfx942", "gfx950"):
+        built = {r["kernel"] for r in rows if r["arch"] == arch}
+        assert {"linear_logprobs_fwd_kernel", "linear_logprobs_bwd_kernel", "linear_logprobs_bwd_dh_kernel",
+                "linear_logprobs_bwd_dw_kernel", "dlogits_slab_kernel", "logits_fold_kernel", "exp_weights_kernel",
+                "kto_sequence_kernel"} <= built
+        dots = [r for r in rows if r["arch"] == arch and r["kernel"].startswith("linear_logprobs")]
+        assert dots and all(r["matrix"] == "mfma" for r in dots)
+        assert all(r["warps"] == 8 and r["stages"] == 2 for r in dots if not r["case"].startswith("float32"))
+    assert all(r["spill_bytes"] == 0 and r["fits"] and r["programs_per_sm"] >= 1 for r in rows)
+    atomic = [r for r in rows if r["kernel"] == "linear_logprobs_bwd_kernel"]
+    assert atomic and all(r["atomics"] == "red" for r in atomic)
+
+
+def test_amd_gpus_are_named_and_configured_as_such(monkeypatch):
+    """ROCm's torch reports its GPUs as cuda devices with capability (9, 4): the arch comes from gcnArchName, the
+    configs from the AMD entries (AMD options passed only there), the dot precisions from what the arch has."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "hip", "6.4.0", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(gcnArchName="gfx942:sramecc+:xnack-"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 4))
+    assert kconfig.device_arch(torch.device("cuda")) == "gfx942"
+    for arch in kconfig.AMD_ARCHS:
+        half = kconfig.select_config("forward", torch.bfloat16, 4096, 128256, arch)
+        assert half == kconfig.AMD_HALF_CONFIGS[arch] and half.num_stages == 2 and half.matrix_instr_nonkdim == 16
+        assert kconfig.launch_options(half)["matrix_instr_nonkdim"] == 16
+        assert kconfig.default_config("backward_dw", torch.float32, arch) == kconfig.AMD_FP32_KERNEL_CONFIGS["backward_dw"]
+        assert all(not c.waves_per_eu or c in kconfig.CANDIDATES["half_amd"]["forward"]
+                   for c in kconfig.candidate_configs("forward", torch.bfloat16, arch))
+    assert kconfig.launch_options(kconfig.AMD_HALF_CONFIGS["gfx942"])["kpack"] == 2
+    nvidia = kconfig.launch_options(kconfig.HALF_CONFIG)
+    assert not {"waves_per_eu", "matrix_instr_nonkdim", "kpack"} & set(nvidia) and nvidia["enable_fp_fusion"] is True
+    from triton.backends.amd.compiler import HIPOptions
+
+    bf16x3 = "bf16x3" if "bf16x3" in HIPOptions.allowed_dot_input_precisions else "ieee"  # Triton 3.3: ieee only
+    precision = torch.get_float32_matmul_precision()
+    try:
+        for target, dtype, matmul, expected in ((("hip", "gfx942"), torch.bfloat16, "highest", "ieee"),
+                                                (("hip", "gfx942"), torch.float32, "high", "tf32"),
+                                                (("hip", "gfx950"), torch.float32, "high", bf16x3),
+                                                (("hip", "gfx950"), torch.float32, "highest", "ieee"),
+                                                (("cuda", 90), torch.float32, "high", "tf32")):
+            monkeypatch.setattr(kconfig, "launch_target", lambda target=target: target)
+            torch.set_float32_matmul_precision(matmul)
+            assert kconfig.dot_options(dtype)["INPUT_PRECISION"] == expected, (target, dtype, matmul)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def test_schedule_entries_drive_auto(tmp_path, monkeypatch, autotune):
     """python -m bench.autotune --kernels schedule times every backward schedule, checks it against the atomic
     one, and writes the fastest; impl='auto' then runs that schedule for the architecture and bucket."""
