@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from .kernels.config import BlockConfig
 from .options import TokenOptions
 
 ENV_AUTOTUNE = "HALO_OPS_AUTOTUNE"
@@ -152,7 +153,8 @@ def choose(hidden, weight, bias, targets, options: TokenOptions, *, deterministi
         _choices[key] = entry
         _write_cache(cache_file(), key, entry)
         logger.info("halo_ops autotune: %s → schedule %s%s in %.1f s (cached in %s)", key, entry["schedule"],
-                    "".join(f", {c[0]} {c[1:]}" for c in entry["configs"]), entry["seconds"], cache_file())
+                    "".join(f", {c[0]} {BlockConfig(*c[1:]).label()}" for c in entry["configs"]), entry["seconds"],
+                    cache_file())
     return dataclasses.replace(options, schedule=entry["schedule"], configs=tuple(tuple(c) for c in entry["configs"]))
 
 
@@ -228,7 +230,7 @@ def measure(hidden, weight, bias, targets, options: TokenOptions, *, determinist
                 fields = (kernel, *dataclasses.astuple(config))
                 others = tuple(c for c in best.configs if c[0] != kernel)
                 candidate = dataclasses.replace(best, configs=(*others, fields))
-                seconds = timed(candidate, f"{best_schedule} {kernel} {dataclasses.astuple(config)}")
+                seconds = timed(candidate, f"{best_schedule} {kernel} {config.label()}")
                 if seconds is not None and seconds < best_time:
                     best, best_time = candidate, seconds
         if best.schedule != "gemm" or best.configs:

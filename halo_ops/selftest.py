@@ -21,9 +21,7 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
@@ -86,17 +84,9 @@ def check(impl: str, schedule: str, dtype: torch.dtype, device: torch.device) ->
 
 
 def _median_ms(fn, device, repeats: int) -> float:
-    fn()  # warm-up (compiles the kernels)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    from .autotune import time_call
+
+    return time_call(fn, device, repeats) * 1e3
 
 
 def time_default(n_tokens: int, dim: int, vocab: int, dtype: torch.dtype, device: torch.device,

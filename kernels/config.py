@@ -31,6 +31,13 @@ class BlockConfig:
     matrix_instr_nonkdim: int = 0
     kpack: int = 0  # AMD CDNA 3: 2 packs two K elements per MFMA operand load (CDNA 4 takes only 1)
 
+    def label(self) -> str:
+        """``64x128x64 w8 s3``, with the AMD options where set (``wpe2 mfma16 kpack2``)."""
+        amd = "".join(f" {name}{value}" for name, value in (("wpe", self.waves_per_eu),
+                                                           ("mfma", self.matrix_instr_nonkdim), ("kpack", self.kpack))
+                      if value)
+        return f"{self.block_n}x{self.block_v}x{self.block_d} w{self.num_warps} s{self.num_stages}{amd}"
+
 
 KERNELS = ("forward", "backward", "backward_dh", "backward_dw", "slab", "fold")
 SCHEDULE = "schedule"  # a table entry naming the fastest backward schedule instead of a block config
