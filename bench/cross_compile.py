@@ -165,13 +165,6 @@ def standard_cases() -> list[Case]:
     return cases
 
 
-def config_label(config) -> str:
-    """``64x128x64 w8 s3``, with the AMD options where set (``wpe2 mfma16 kpack2``)."""
-    amd = "".join(f" {name}{getattr(config, field)}" for name, field in (
-        ("wpe", "waves_per_eu"), ("mfma", "matrix_instr_nonkdim"), ("kpack", "kpack")) if getattr(config, field))
-    return f"{config.block_n}x{config.block_v}x{config.block_d} w{config.num_warps} s{config.num_stages}{amd}"
-
-
 def candidate_cases(arch) -> list[Case]:
     """The autotuner's configs on ``arch`` (``kernels.config.candidate_configs``: the default and the
     candidates), each on the
@@ -192,7 +185,7 @@ def candidate_cases(arch) -> list[Case]:
             torch.set_float32_matmul_precision(precision)
         for kernel, configs in tried.items():
             for config in configs:
-                tiles = config_label(config)
+                tiles = config.label()
                 for schedule in schedules[kernel]:
                     cases.append(Case(f"{label} {kernel} candidate {tiles}", dtype, schedule=schedule,
                                       matmul_precision=matmul, forward_gradients=kernel == "fold",
