@@ -4,9 +4,9 @@
 #
 #   bash bench/gpu_session.sh first    # compile warm-up, compiled tests, GEMM floor, halo-ops' schedules, TRL,
 #                                      # the KTO step, the frozen head, the fused KTO loss
-#   bash bench/gpu_session.sh second   # the schedule and block-config sweep, then the other peers (cut-cross-
-#                                      # entropy with and without its filter, plain, torch's linear_cross_entropy,
-#                                      # torch.compile; one process each)
+#   bash bench/gpu_session.sh second   # schedule="auto" on first use, the schedule and block-config sweep, then
+#                                      # the other peers (cut-cross-entropy with and without its filter, plain,
+#                                      # torch's linear_cross_entropy, torch.compile; one process each)
 #   bash bench/gpu_session.sh run      # both halves, one after the other (for a single longer call)
 #   bash bench/gpu_session.sh smoke    # both halves at toy sizes on CPU (Triton interpreted): checks the script.
 #                                      # HALO_BENCH_FAULTS=1 injects a failing test, a raising provider and a
@@ -36,7 +36,7 @@ PY=python3
 if [ "$MODE" = smoke ]; then
     # Toy sizes through the interpreter: the same code paths, seconds instead of minutes
     export TRITON_INTERPRET=1
-    [ -x .venv/bin/python ] && PY=.venv/bin/python
+    [ -x .venv/bin/python ] && PY=$PWD/.venv/bin/python
     N=256; D=32; V=1000; SEQ=64; DTYPE=fp32; DEVICE=cpu; SLAB="256,256,32;256,256,1000"; WARM_N=64
     # deadlines in seconds; each half's add up to its BUDGET
     T_SETUP=0; T_ENV=30; T_WARM=60; T_TESTS=90; T_FLOOR=30; T_SCHED=150; T_PEER=60; T_KTO=120; T_FROZEN=60
@@ -125,12 +125,13 @@ first_half() {
 
 second_half() {
     # schedule="auto" on first use, as a user meets it: what it measures, chooses and costs (compiles included)
-    step autotune "$T_AUTO" "HALO_OPS_AUTOTUNE=1 HALO_OPS_CACHE_DIR=$WORK/autotune-cache $PY -m halo_ops.autotune \
-        --tokens $N --hidden $D --vocab $V --dtype $DTYPE --device $DEVICE | tee $WORK/autotune-first-use.json"
+    # (from outside the clone: there python -m would find the source tree's halo_ops, which is not a package)
+    step autotune "$T_AUTO" "cd /tmp && HALO_OPS_AUTOTUNE=1 HALO_OPS_CACHE_DIR=$WORK/autotune-cache $PY -m \
+        halo_ops.autotune --tokens $N --hidden $D --vocab $V --dtype $DTYPE --device $DEVICE \
+        | tee $WORK/autotune-first-use.json"
     # what impl='auto' should run here: every schedule timed and checked, then the slab and forward tiles
     step sweep "$T_SWEEP" "$PY -m bench.autotune --device $DEVICE --tokens $N --hidden $D --vocab $V \
-        --dtype $DTYPE --kernels schedule,slab,fold,forward $ARCH --repeats 1 \
-        --candidates '64,128,64,8,3;128,128,64,8,3;128,256,64,8,3;128,128,32,8,4' --out $WORK"
+        --dtype $DTYPE --kernels schedule,slab,fold,forward $ARCH --repeats 1 --out $WORK"  # kernels.config's candidates
     for peer in cce plain torch.linear_cross_entropy cce-no-filter; do
         table "peer $peer" "$T_PEER" "peer-$peer" "--cases forward+backward,forward-only --providers '$peer'"
     done
