@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     """``python -m halo_ops.autotune``: measure one shape's key now (before training, say) and print its entry."""
     import argparse
 
-    from .inputs import prepare_linear_inputs
+    from .inputs import measured_schedule, prepare_linear_inputs
 
     parser = argparse.ArgumentParser(prog="python -m halo_ops.autotune", description=main.__doc__)
     parser.add_argument("--tokens", type=int, default=16384)
@@ -286,7 +286,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bias", action="store_true")
     parser.add_argument("--softcap", type=float, default=None)
     parser.add_argument("--deterministic", action="store_true")
-    parser.add_argument("--frozen-head", action="store_true", help="dH only (the head needs no gradient)")
+    parser.add_argument("--frozen-head", action="store_true",
+                        help="dH only, as a frozen head with recompute=True runs (without it, the Jacobian path runs no "
+                             "schedule)")
     args = parser.parse_args(argv)
     os.environ[ENV_AUTOTUNE] = "1"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -304,9 +306,11 @@ def main(argv=None) -> int:
     key = cache_key(device, dtype, args.hidden, args.vocab, args.tokens, options_class)
     was_cached = cached_choice(key) is not None
     started = time.perf_counter()
-    prepare_linear_inputs(hidden, weight, targets, bias, ignore_index=-100, logit_scale=1.0, softcap=args.softcap,
-                          temperature=1.0, impl="auto", return_stats=False, check_targets=False, check_finite=False,
-                          deterministic=args.deterministic, grad_filter_eps=0.0)
+    hidden2d, weight, bias, targets, options, _ = prepare_linear_inputs(
+        hidden, weight, targets, bias, ignore_index=-100, logit_scale=1.0, softcap=args.softcap, temperature=1.0,
+        impl="auto", return_stats=False, check_targets=False, check_finite=False, deterministic=args.deterministic,
+        grad_filter_eps=0.0)
+    measured_schedule(options, hidden2d, weight, bias, targets, schedule="auto", deterministic=args.deterministic)
     entry = cached_choice(key)
     if entry is None:
         print(f"no choice was made for {key}: impl='auto' does not run the Triton kernels on {device}")

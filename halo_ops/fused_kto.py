@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import options as opts
-from .inputs import prepare_linear_inputs, with_frozen_head_jacobian
+from .inputs import measured_schedule, prepare_linear_inputs, with_frozen_head_jacobian
 from .losses.kto import (
     SUM_KEYS,
     KTOOutput,
@@ -274,6 +274,8 @@ def fused_linear_kto_loss(
     if sharding is not None:
         if saturation_threshold > 0:
             raise ValueError("saturation_threshold is not supported with a vocabulary-parallel head; leave it at 0")
+        token_options = measured_schedule(token_options, hidden2d, weight, bias, flat_targets, schedule=schedule,
+                                          deterministic=deterministic)
         token_logps, stats = vocab_parallel_logprobs(hidden2d, weight, bias, flat_targets, token_options, *sharding)
         weights = (float(beta), float(desirable_weight), float(undesirable_weight))
         return _composed_kto(token_logps.view(batch, seq), stats, flat_targets.view(batch, seq) !=
@@ -282,6 +284,9 @@ def fused_linear_kto_loss(
     needs = tuple(x is not None and x.requires_grad for x in (hidden2d, weight, bias))
     eager = (torch.is_grad_enabled() and any(needs) and recompute is not True and not token_options.save_jacobian
              and eager_sequences_per_chunk(seq, weight.shape[0], hidden2d.dtype, token_options.impl, hidden2d.device))
+    if not eager:
+        token_options = measured_schedule(token_options, hidden2d, weight, bias, flat_targets, schedule=schedule,
+                                          deterministic=deterministic)
     kto_options = KTOOptions(seq=seq, beta=float(beta), desirable_weight=float(desirable_weight),
                              undesirable_weight=float(undesirable_weight), average_log_prob=bool(average_log_prob),
                              saturation_threshold=float(saturation_threshold), eager=needs if eager else None)

@@ -143,12 +143,20 @@ def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_
                                 device=hidden.device, dtype=hidden.dtype, dim=weight.shape[1], vocab=weight.shape[0])
     options = TokenOptions(impl=impl, transform=transform, ignore_index=int(ignore_index),
                            return_stats=bool(return_stats), schedule=resolved, grad_filter_eps=float(grad_filter_eps))
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
-    if schedule == "auto" and impl == "triton":
-        from . import autotune
+    return hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, options, sharding
 
-        needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias))
-        options = autotune.choose(flat_hidden, weight, bias, flat_targets, options, deterministic=bool(deterministic),
-                                  needs=needs) or options
-    return flat_hidden, weight, bias, flat_targets, options, sharding
+
+def measured_schedule(options: TokenOptions, hidden, weight, bias, targets, *, schedule: str,
+                      deterministic: bool) -> TokenOptions:
+    """``options`` with the schedule and block configs ``halo_ops.autotune`` measured (or measures now) for this
+    call, where ``schedule`` is ``"auto"`` on the Triton path and the call will run a schedule: not for the
+    frozen head's Jacobian or a fused loss's eager schedule, which run kernels of their own (so the first call
+    does not time and compile schedules it will not use). ``hidden`` [N, D] and ``targets`` [N] as prepared."""
+    if schedule != "auto" or options.impl != "triton" or options.save_jacobian:
+        return options
+    from . import autotune
+
+    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias))
+    return autotune.choose(hidden, weight, bias, targets, options, deterministic=bool(deterministic),
+                           needs=needs) or options

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from .inputs import prepare_linear_inputs, with_frozen_head_jacobian
+from .inputs import measured_schedule, prepare_linear_inputs, with_frozen_head_jacobian
 from .reduction import check_reduction, reduce_last_dim
 from .token_op import token_logprobs
 from .vocab_parallel import VocabParallel, vocab_parallel_logprobs
@@ -110,10 +110,13 @@ def linear_logprobs(
         temperature=temperature, impl=impl, return_stats=return_stats, check_targets=check_targets,
         check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps,
         schedule=schedule, vocab_parallel=vocab_parallel)
+    if sharding is None:
+        options = with_frozen_head_jacobian(options, hidden2d, weight, bias, recompute)
+    options = measured_schedule(options, hidden2d, weight, bias, flat_targets, schedule=schedule,
+                                deterministic=deterministic)
     if sharding is not None:
         logps, stats = vocab_parallel_logprobs(hidden2d, weight, bias, flat_targets, options, *sharding)
     else:
-        options = with_frozen_head_jacobian(options, hidden2d, weight, bias, recompute)
         logps, stats = token_logprobs(hidden2d, weight, bias, flat_targets, options)
     valid = targets != ignore_index
     logps = reduce_last_dim(logps.view(targets.shape), valid, reduction)

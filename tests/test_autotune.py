@@ -201,3 +201,20 @@ def test_the_command_line_measures_a_shape_ahead_of_use(tuning, monkeypatch, cap
     assert autotune.main(shape) == 0 and json.loads(capsys.readouterr().out)["from_cache"] is True
     grads(*inputs())  # the same key: nothing measured
     assert tuning == [1]
+
+
+def test_paths_that_run_no_schedule_measure_nothing(tuning, monkeypatch):
+    """The frozen head's Jacobian and the fused KTO op's eager schedule run kernels of their own: their first call
+    times and compiles no schedule. With recompute=True the fused op runs the token op's schedule, measured."""
+    injected_clock(monkeypatch, FAST)
+    hidden, weight, targets = inputs(tokens=32)
+    frozen = linear_logprobs(hidden, weight.detach(), targets)
+    frozen.sum().backward()
+    assert tuning == []
+    labels = torch.tensor([True, False], device=DEVICE)
+    ref = torch.zeros(2, device=DEVICE)
+    shaped = (hidden.detach().view(2, 16, -1).requires_grad_(), weight, targets.view(2, 16))
+    halo_ops.fused_linear_kto_loss(*shaped, labels, ref).loss.backward()
+    assert tuning == []
+    halo_ops.fused_linear_kto_loss(*shaped, labels, ref, recompute=True).loss.backward()
+    assert tuning == [1]
