@@ -215,3 +215,21 @@ def test_paired_modules_and_functions_keep_liger_signatures(method):
     their_apply = inspect.signature(getattr(liger_functional, f"LigerFusedLinear{method}Function").forward)
     their_params = [(p.name, p.default) for p in their_apply.parameters.values() if p.name not in ("cls", "ctx")]
     assert [(p.name, p.default) for p in inspect.signature(getattr(halo_liger, name)).parameters.values()] == their_params
+
+
+@pytest.mark.parametrize("options", [{"loss_type": "invalid_loss_type"}, {"loss_type": "exo_pair"},
+                                     {"loss_type": "exo_pair", "label_smoothing": -1e-3},
+                                     {"loss_type": "robust", "label_smoothing": 0.5},
+                                     {"loss_type": "robust", "label_smoothing": -0.1}],
+                         ids=["unknown", "exo_pair_zero", "exo_pair_negative", "robust_half", "robust_negative"])
+def test_dpo_errors_keep_liger_words(options):
+    """Every check Liger's DPO loss makes raises here too, and its message opens with Liger's words for it (code
+    and tests written against Liger match them with pytest.raises(match=...))."""
+    from halo_ops.integrations.liger import LigerFusedLinearDPOLoss
+
+    with pytest.raises(ValueError) as theirs:
+        liger_kto.LigerFusedLinearDPOLoss(**options)
+    liger_words = str(theirs.value).split(". ")[0]  # what Liger says before its own details
+    with pytest.raises(ValueError) as ours:
+        LigerFusedLinearDPOLoss(**options)
+    assert str(ours.value).startswith(liger_words), (str(ours.value), liger_words)

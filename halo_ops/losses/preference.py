@@ -22,15 +22,16 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 
 
 def check_dpo_options(beta: float, loss_type: str, label_smoothing: float) -> None:
+    # Each message opens with Liger's own words for the same check, so code matching Liger's errors keeps working
     if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+        raise ValueError(f"Unsupported loss_type: {loss_type}. loss_type must be one of {DPO_LOSS_TYPES}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
     if loss_type == "exo_pair" and not 0.0 < label_smoothing < 1.0:
-        raise ValueError(f"loss_type='exo_pair' needs 0 < label_smoothing < 1 (the EXO paper uses 1e-3), "
-                         f"got {label_smoothing!r}")
+        raise ValueError(f"label_smoothing must be > 0 for loss_type='exo_pair', and < 1 (the EXO paper recommends "
+                         f"1e-3), got {label_smoothing!r}")
     if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"loss_type='robust' needs label_smoothing in [0, 0.5), got {label_smoothing!r}")
+        raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for loss_type='robust', got {label_smoothing!r}")
 
 
 def dpo_losses(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, beta: float = 0.1,
