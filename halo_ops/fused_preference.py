@@ -44,7 +44,10 @@ def _method(method: str, options: dict):
                                      options.get("label_smoothing", 0.0))
         return lambda c, r, rc, rr, cc, rc_counts: preference.dpo_losses(
             c, r, rc, rr, chosen_counts=cc, rejected_counts=rc_counts, **options)
-    fn = {"simpo": preference.simpo_losses, "cpo": preference.cpo_losses, "orpo": preference.orpo_losses}[method]
+    if method == "orpo":  # the counts tell it which pairs have an empty completion
+        return lambda c, r, rc, rr, cc, rc_counts: preference.orpo_losses(
+            c, r, chosen_counts=cc, rejected_counts=rc_counts, **options)
+    fn = {"simpo": preference.simpo_losses, "cpo": preference.cpo_losses}[method]
     return lambda c, r, *_: fn(c, r, **options)
 
 

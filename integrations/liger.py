@@ -16,7 +16,9 @@ They run on :func:`halo_ops.fused_linear_preference_loss`: one pass over the 2B 
 ``halo_ops.losses.preference`` in PyTorch, and, when a backward follows, the gradients formed in the forward
 (the eager schedule, three GEMMs). The logits means run over every position and vocabulary entry, in closed form
 (Σ_v h·W_v + b_v = h·ΣW + Σb). Differences: ``loss_type="ipo"`` works here (Liger raises), length-normalized
-as TRL does; a sequence with no scored token has an averaged log-prob of 0 here, NaN in Liger.
+as TRL does; a sequence with no scored token has an averaged log-prob of 0 here, NaN in Liger, and an ORPO pair
+with such a completion gets an odds-ratio term of 0 with no gradient (``orpo_losses``), NaN in Liger. The
+option errors open with Liger's own words.
 
 The KTO module, with the same constructor, forward signature, input shapes and return structure as
 Liger's:

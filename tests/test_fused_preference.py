@@ -105,3 +105,28 @@ def test_forward_only_and_errors():
         fused_linear_preference_loss(hidden[:3], weight, targets[:3])
     with pytest.raises(ValueError, match="loss_type must be one of"):
         fused_linear_preference_loss(hidden, weight, targets, loss_type="aot")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("recompute", [True, None], ids=["recompute", "eager"])
+@pytest.mark.parametrize("empty", ["rejected", "chosen"])
+def test_orpo_pair_with_an_empty_completion_is_finite(impl, recompute, empty):
+    """ORPO with a completion that has no scored token (log-prob 0, so p = 1 and infinite odds): that pair's
+    odds-ratio term is 0 with no gradient, its NLL term stays, every other pair is untouched; loss and gradients
+    finite on both schedules (the plain formula gives +inf, Liger NaN)."""
+    hidden, weight, bias, targets, _ = _inputs(torch.float32)
+    targets[PAIRS + 1 if empty == "rejected" else 1] = -100  # pair 1: no scored token on one side
+    options = {"method": "orpo", "beta": 0.3, "nll_weight": 1.0, "average_log_prob": True}
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = fused_linear_preference_loss(leaves[0], leaves[1], targets, bias=leaves[2], impl=impl, recompute=recompute,
+                                       **options)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(t.grad).all() for t in leaves)
+    assert out.losses[1] == 0 and all(a[1] == 0 for a in out.aux)  # no preference term, log σ and log-odds 0
+    # the same loss as the batch without pair 1's odds-ratio term: the other pairs' terms and the NLL term
+    keep = [i for i in range(PAIRS) if i != 1]
+    rows = keep + [PAIRS + i for i in keep]
+    rest = fused_linear_preference_loss(hidden[rows], weight, targets[rows], bias=bias, impl=impl, recompute=True,
+                                        **{**options, "nll_weight": 0.0})
+    torch.testing.assert_close(out.losses[keep], rest.losses)
+    torch.testing.assert_close(out.loss, rest.losses.sum() / PAIRS + out.nll_loss)

@@ -103,12 +103,23 @@ def cpo_losses(chosen_logps, rejected_logps, *, beta: float = 0.1, label_smoothi
     return _smoothed_sigmoid_losses(logits, label_smoothing), beta * chosen_logps, beta * rejected_logps
 
 
-def orpo_losses(chosen_logps, rejected_logps, *, beta: float = 0.1):
+def orpo_losses(chosen_logps, rejected_logps, *, beta: float = 0.1, chosen_counts=None, rejected_counts=None):
     """ORPO (arXiv 2403.07691) on length-averaged log-probs: with log odds(y) = log p − log(1 − p),
     L = −β log σ(log odds(chosen) − log odds(rejected)); its NLL term is added by the caller.
 
+    A completion with no scored token has log-prob 0 (halo-ops' rule), so p = 1 and infinite odds: a pair with
+    such a completion (``chosen_counts`` or ``rejected_counts`` 0, where given) carries no preference, and gets
+    an odds-ratio loss of 0, a log odds ratio and log σ of 0, and no gradient from this term (its NLL term, if
+    any, stays). Liger gives NaN there, and the plain formula +inf.
+
     Returns (losses, β·c, β·r, log σ(log odds ratio), log odds ratio), each ``[B]``."""
-    log_odds = (chosen_logps - rejected_logps) - (torch.log1p(-torch.exp(chosen_logps))
-                                                  - torch.log1p(-torch.exp(rejected_logps)))
-    ratio = F.logsigmoid(log_odds)
+    empty = torch.zeros_like(chosen_logps, dtype=torch.bool)
+    for counts in (chosen_counts, rejected_counts):
+        if counts is not None:
+            empty = empty | (counts == 0)
+    safe_chosen, safe_rejected = (torch.where(empty, -1.0, x) for x in (chosen_logps, rejected_logps))  # no inf
+    log_odds = (safe_chosen - safe_rejected) - (torch.log1p(-torch.exp(safe_chosen))
+                                                - torch.log1p(-torch.exp(safe_rejected)))
+    log_odds = torch.where(empty, 0.0, log_odds)
+    ratio = torch.where(empty, 0.0, F.logsigmoid(log_odds))
     return -beta * ratio, beta * chosen_logps, beta * rejected_logps, ratio, log_odds
