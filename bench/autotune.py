@@ -189,10 +189,9 @@ def main(argv=None) -> None:
     arch = args.arch or device_arch(device)
     if arch is None:
         parser.error("--arch is needed off CUDA (the table is keyed on the GPU architecture)")
+    candidates = None  # kernels.config.candidate_configs, per kernel
     if args.candidates:
         candidates = [BlockConfig(*(int(x) for x in c.split(","))) for c in args.candidates.split(";")]
-    else:
-        candidates = None  # kernels.config.candidate_configs, per kernel
     env = environment(device)
     results, entries = [], []
     for hidden in (int(x) for x in args.hidden.split(",")):

@@ -167,12 +167,15 @@ def standard_cases() -> list[Case]:
 
 def candidate_cases(arch) -> list[Case]:
     """The autotuner's configs on ``arch`` (``kernels.config.candidate_configs``: the default and the
-    candidates), each on the
-    heaviest specialization (bias, softcap, statistics, filtering) of the schedules that launch its kernel."""
+    candidates), each on the heaviest specialization (bias, softcap, statistics, filtering) of the first
+    schedule that launches its kernel (``halo_ops.autotune.SCHEDULE_KERNELS``)."""
+    from halo_ops.autotune import SCHEDULE_KERNELS
     from halo_ops.kernels.config import candidate_configs
 
-    schedules = {"forward": ("atomic",), "backward": ("atomic",), "backward_dh": ("owner",),
-                 "backward_dw": ("owner",), "slab": ("slab",), "fold": ("gemm",)}
+    schedule_of = {}
+    for schedule, kernels in SCHEDULE_KERNELS.items():
+        for kernel in kernels:
+            schedule_of.setdefault(kernel, schedule)
     heavy = {"bias": True, "softcap": True, "grad_filter_eps": 2**-12, "return_stats": True}
     cases = []
     for label, dtype, matmul in (("bfloat16", torch.bfloat16, "highest"), ("float32", torch.float32, "highest"),
@@ -180,16 +183,14 @@ def candidate_cases(arch) -> list[Case]:
         precision = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(matmul)
         try:
-            tried = {kernel: candidate_configs(kernel, dtype, target_name(arch)) for kernel in schedules}  # default too
+            tried = {kernel: candidate_configs(kernel, dtype, target_name(arch)) for kernel in schedule_of}
         finally:
             torch.set_float32_matmul_precision(precision)
         for kernel, configs in tried.items():
             for config in configs:
-                tiles = config.label()
-                for schedule in schedules[kernel]:
-                    cases.append(Case(f"{label} {kernel} candidate {tiles}", dtype, schedule=schedule,
-                                      matmul_precision=matmul, forward_gradients=kernel == "fold",
-                                      config={kernel: config}, **heavy))
+                cases.append(Case(f"{label} {kernel} candidate {config.label()}", dtype, schedule=schedule_of[kernel],
+                                  matmul_precision=matmul, forward_gradients=kernel == "fold",
+                                  config={kernel: config}, **heavy))
     return cases
 
 

@@ -197,7 +197,7 @@ SCHEDULE_KERNELS = {"atomic": ("forward", "backward"), "owner": ("forward", "bac
 def measure(hidden, weight, bias, targets, options: TokenOptions, *, deterministic: bool, needs) -> dict:
     """Time the candidates on these tensors (module docstring) and return the cache entry: schedule, configs,
     ms per candidate, seconds spent, the shape and where it was measured."""
-    from .kernels.config import candidate_configs, precision_class
+    from .kernels.config import candidate_configs, device_arch, precision_class
 
     started = time.perf_counter()
     device = hidden.device
@@ -221,7 +221,7 @@ def measure(hidden, weight, bias, targets, options: TokenOptions, *, determinist
             raise RuntimeError(f"halo_ops autotune: no schedule ran on {device_name(device)}: {timings}")
         best_schedule = min(ran, key=ran.get)
         best, best_time = dataclasses.replace(options, schedule=best_schedule, configs=()), ran[best_schedule]
-        arch = _arch(device)
+        arch = device_arch(device)
         kernels = SCHEDULE_KERNELS[best_schedule] if any(needs) else SCHEDULE_KERNELS[best_schedule][:1]
         for kernel in kernels:
             for config in candidate_configs(kernel, hidden.dtype, arch)[1:]:
@@ -239,12 +239,6 @@ def measure(hidden, weight, bias, targets, options: TokenOptions, *, determinist
             "seconds": round(time.perf_counter() - started, 3), "precision": precision_class(hidden.dtype),
             "measured_at": {"tokens": hidden.shape[0], "hidden": weight.shape[1], "vocab": weight.shape[0]},
             "device": device_name(device), "date": time.strftime("%Y-%m-%d")}
-
-
-def _arch(device: torch.device) -> str | None:
-    from .kernels.config import device_arch
-
-    return device_arch(device)
 
 
 def relative_error(result, expected) -> float:

@@ -32,8 +32,8 @@ class TokenOptions:
     schedule: str = "atomic"  # the backward's schedule, resolved: atomic, owner, slab (Triton) or chunked (torch)
     grad_filter_eps: float = 0.0  # softmax probabilities below it count as 0 in the backward
     save_jacobian: bool = False  # frozen head: the forward builds d logp / d hidden, the backward only scales it
-    # block configs measured for this call's key (halo_ops.autotune): ((kernel, BLOCK_N, BLOCK_V, BLOCK_D, warps,
-    # stages), ...); a kernel not named takes kernels.config.select_config's
+    # block configs measured for this call's key (halo_ops.autotune): ((kernel, *the kernels.config.BlockConfig
+    # fields), ...); a kernel not named takes kernels.config.select_config's
     configs: tuple = ()
 
 

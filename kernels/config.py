@@ -304,8 +304,9 @@ def launch_options(config: BlockConfig, with_block_d: bool = True) -> dict:
     still turns it off. The interpreter ignores the keyword."""
     options = {"BLOCK_N": config.block_n, "BLOCK_V": config.block_v, "num_warps": config.num_warps,
                "num_stages": config.num_stages, "enable_fp_fusion": True}
-    for amd_option in ("waves_per_eu", "matrix_instr_nonkdim", "kpack"):  # only AMD entries set them: NVIDIA's Triton
-        if getattr(config, amd_option):                         # rejects the keywords
+    # only AMD entries set these; NVIDIA's Triton rejects the keywords
+    for amd_option in ("waves_per_eu", "matrix_instr_nonkdim", "kpack"):
+        if getattr(config, amd_option):
             options[amd_option] = getattr(config, amd_option)
     if with_block_d:
         options["BLOCK_D"] = config.block_d
