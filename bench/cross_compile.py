@@ -204,11 +204,12 @@ def launch_case(case: Case, n_tokens: int = 256, dim: int = 256, vocab: int = 10
     bias = torch.randn(vocab, generator=generator).to(case.dtype) if case.bias else None
     targets = torch.randint(0, vocab, (n_tokens,), generator=generator)
     from halo_ops.options import TokenOptions
+    from halo_ops.partials import STATISTICS
     from halo_ops.token_op import weight_slice_rows
     from halo_ops.transform import LogitTransform
 
     options = TokenOptions("triton", LogitTransform(softcap=30.0 if case.softcap else None),
-                           return_stats=case.return_stats, schedule=case.schedule,
+                           stats=STATISTICS if case.return_stats else (), schedule=case.schedule,
                            grad_filter_eps=case.grad_filter_eps)
     if isinstance(case.config, dict):  # one kernel's config, as a measured choice travels (options.configs)
         from dataclasses import astuple, replace

@@ -83,7 +83,8 @@ def device_name(device: torch.device) -> str:
 def option_class(bias, options: TokenOptions, deterministic: bool, needs) -> str:
     """The options that change which kernels run: bias, softcap, statistics, filtering, determinism, gradients."""
     flags = "".join(flag for flag, on in (("b", bias is not None), ("c", options.transform.softcap is not None),
-                                         ("s", options.return_stats), ("f", options.grad_filter_eps > 0),
+                                         (f"s{options.kernel_stats}", options.stats),
+                                         ("f", options.grad_filter_eps > 0),
                                          ("d", deterministic)) if on) or "-"
     return flags + "|" + ("".join("hwb"[i] for i, need in enumerate(needs) if need) or "forward")
 

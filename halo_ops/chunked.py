@@ -2,8 +2,8 @@
 
 Forward, for each chunk of ``TOKEN_CHUNK`` tokens and each vocabulary chunk of at most
 ``TILE_ELEMENTS`` logits: ``z = transform(h_c · W_cᵀ + b_c)`` in the accumulation dtype, reduced to the
-chunk's partials (``halo_ops.partials``: max, Σ exp, target logit, and with statistics the centered
-sum and Σ z). The token op merges them, as it merges the Triton kernel's vocabulary splits.
+chunk's partials (``halo_ops.partials``: max, Σ exp, target logit, and those of the statistics asked
+for). The token op merges them, as it merges the Triton kernel's vocabulary splits.
 
 Backward recomputes each tile and forms ``dL/dz = g · (onehot(y) − exp(z − lse))`` in place, then
 ``dL/dy = dL/dz · dz/dy`` and ``dH += dL/dy · W``, ``dW += dL/dyᵀ · H``, ``db += Σ dL/dy`` in fp32 (fp64
@@ -53,40 +53,34 @@ def _project(h_c: torch.Tensor, w_c: torch.Tensor, b_c: torch.Tensor | None, tra
     return transform.apply_(z), w_c
 
 
-def _fold_tile(z, local_targets, piece, stats: bool, *, separate_exp: bool, sum_logits: bool):
+def _fold_tile(z, local_targets, piece, stats_mask: int, *, keep_centered: bool = False, exp_out=None):
     """Fold a tile of transformed logits z [n, v] into its rows' partials ``piece`` [3 or 7, n] (``halo_ops.partials``;
-    ``local_targets`` relative to the tile's first column). Leaves z − m in ``z`` and returns e = exp(z − m): a new
-    tensor with ``separate_exp``, else ``z`` itself, overwritten."""
+    ``local_targets`` relative to the tile's first column): max, Σ exp, target logit and the kinds ``stats_mask``
+    names (``partials.kernel_stats_mask``). Leaves z − m in ``z`` and returns e = exp(z − m): into ``exp_out`` when
+    given, a new tensor when z − m is still needed (``keep_centered``, or the entropy's centered sum), else ``z``
+    itself, overwritten."""
     width = z.shape[1]
     in_tile = (local_targets >= 0) & (local_targets < width)
     picked = z.gather(1, local_targets.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
     piece[P.TARGET_LOGIT] = torch.where(in_tile, picked, 0.0)
-    if sum_logits:
+    if stats_mask & 4:
         piece[P.LOGIT_SUM] = z.sum(1)
     m = z.amax(1)
     piece[P.MAX] = m
-    if stats:  # the max over the columns before the target's: the running max of each row's prefix
-        before = local_targets.clamp(0, width)
-        prefix_max = z.cummax(1).values.gather(1, (before - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        piece[P.MAX_BEFORE_TARGET] = torch.where(before > 0, prefix_max, float("-inf"))
+    if stats_mask & 16:  # the max over the columns before the target's (the whole tile's when the target is past it)
+        before = torch.arange(width, device=z.device) < local_targets.unsqueeze(1)
+        piece[P.MAX_BEFORE_TARGET] = z.masked_fill(~before, float("-inf")).amax(1)
     centered = z.sub_(m.unsqueeze(1))
-    e = torch.exp(centered) if separate_exp else centered.exp_()
-    if stats:
+    if exp_out is not None:
+        e = torch.exp(centered, out=exp_out)
+    else:
+        e = torch.exp(centered) if keep_centered or stats_mask & 2 else centered.exp_()
+    if stats_mask & 2:
         piece[P.CENTERED_SUM] = torch.einsum("nv,nv->n", e, centered)
+    if stats_mask & 8:
         piece[P.SQ_SUM_EXP] = torch.einsum("nv,nv->n", e, e)
     piece[P.SUM_EXP] = e.sum(1)
     return e
-
-
-def _linear_logit_sum(weight, bias, transform: LogitTransform, acc):
-    """Without softcap z is linear in y, so Σ_v z_v = scale · (h · Σ_v W_v + Σ_v b_v): O(D) per token, not O(V).
-    Returns that map h [n, D] → [n] in ``acc``, or None with softcap."""
-    if transform.softcap is not None:
-        return None
-    scale = transform.logit_scale / transform.temperature
-    weight_sum = weight.to(acc).sum(0) * scale
-    bias_sum = 0.0 if bias is None else bias.to(acc).sum() * scale  # a tensor: no host sync
-    return lambda h: h @ weight_sum + bias_sum
 
 
 def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
@@ -101,21 +95,19 @@ def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
     """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
-    stats, transform = options.return_stats, options.transform
+    transform = options.transform
     vocab_chunk = _vocab_chunk(vocab)
     starts = range(0, vocab, vocab_chunk)
-    partials = P.empty_partials(len(starts), n_tokens, stats, acc, hidden.device)
+    partials = P.empty_partials(len(starts), n_tokens, options.stats, acc, hidden.device)
     rows = _active_rows(targets != options.ignore_index)
     h_all, t_all = (hidden, targets) if rows is None else (hidden[rows], targets[rows])
     jacobian = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if options.save_jacobian else None
     softcap = transform.softcap is not None
-    logit_sum = _linear_logit_sum(weight, bias, transform, acc) if stats else None
-    linear_sum = logit_sum is not None
 
     for t0 in range(0, h_all.shape[0], TOKEN_CHUNK):
         h_c = h_all[t0 : t0 + TOKEN_CHUNK].to(acc)
         t_c = t_all[t0 : t0 + TOKEN_CHUNK]
-        chunk = torch.empty((partials.shape[0], len(starts), h_c.shape[0]), dtype=acc, device=hidden.device)
+        chunk = P.empty_partials(len(starts), h_c.shape[0], options.stats, acc, hidden.device)
         if jacobian is not None:
             expected_w = torch.zeros((h_c.shape[0], h_c.shape[1]), dtype=acc, device=hidden.device)
             running_max = torch.full((h_c.shape[0],), float("-inf"), dtype=acc, device=hidden.device)
@@ -123,7 +115,7 @@ def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
             v1 = min(v0 + vocab_chunk, vocab)
             z, w_c = _project(h_c, weight[v0:v1], None if bias is None else bias[v0:v1], transform)
             slope = transform.grad_from_logits_(torch.ones_like(z), z) if jacobian is not None and softcap else None
-            e = _fold_tile(z, t_c - v0, chunk[:, k], stats, separate_exp=stats, sum_logits=stats and not linear_sum)
+            e = _fold_tile(z, t_c - v0, chunk[:, k], options.kernel_stats)
             m = chunk[P.MAX, k]
             if jacobian is not None:  # Σ exp(z − M) · dz/dy · W over the chunks so far, M the running max
                 new_max = torch.maximum(running_max, m)
@@ -131,9 +123,6 @@ def chunked_forward(hidden, weight, bias, targets, options: TokenOptions):
                 e.mul_(torch.exp(m - new_max).unsqueeze(1))
                 expected_w.addmm_(e.mul_(slope) if slope is not None else e, w_c)
                 running_max = new_max
-        if linear_sum:  # the whole row's sum, in the first chunk's piece
-            chunk[P.LOGIT_SUM] = 0.0
-            chunk[P.LOGIT_SUM, 0] = logit_sum(h_c)
         out = slice(t0, t0 + h_c.shape[0]) if rows is None else rows[t0 : t0 + h_c.shape[0]]
         partials[:, :, out] = chunk
         if jacobian is not None:
@@ -243,28 +232,32 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
     ``dH += dL/dy · W_tile`` and ``dW_tile += dL/dyᵀ · H``. Rows with an ignored target are left out on CPU,
     and so are token blocks whose coefficients are all 0.
 
-    Returns (logps, lse, stats) as ``forward_tokens`` does, and the gradients (dH [N, D],
-    dW [V, D], db [V]) in the accumulation dtype, None where ``needs`` says no.
+    Returns (logps, lse, stats) as ``forward_tokens`` does, and the gradients: dH [N, D] in the hidden's dtype
+    (each block's rows are complete once its tiles are done), dW [V, D] and db [V] in the accumulation dtype, None
+    where ``needs`` says no.
     """
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
-    transform, stats, eps = options.transform, options.return_stats, options.grad_filter_eps
+    transform, stats, eps = options.transform, options.stats, options.grad_filter_eps
     keep_exp = transform.softcap is None  # with softcap dz/dy needs z, so the buffer keeps z − m instead of e
     new = {"dtype": acc, "device": hidden.device}
     logps, lse = torch.zeros(n_tokens, **new), torch.full((n_tokens,), float("inf"), **new)
     token_stats = None
     if stats:
-        token_stats = TokenStats(*(torch.zeros(n_tokens, **new) for _ in range(3)),
-                                 torch.zeros(n_tokens, dtype=torch.bool, device=hidden.device))
-    grad_h = torch.zeros((n_tokens, dim), **new) if needs[0] else None
+        token_stats = TokenStats(*(None if name not in stats else torch.zeros(
+            n_tokens, dtype=torch.bool if name == "is_top1" else acc, device=hidden.device) for name in P.STATISTICS))
+    grad_h = torch.zeros((n_tokens, dim), dtype=hidden.dtype, device=hidden.device) if needs[0] else None
     grad_w = torch.zeros((vocab, dim), **new) if needs[1] else None
     grad_b = torch.zeros(vocab, **new) if needs[2] and bias is not None else None
     w, b = weight.to(acc), None if bias is None else bias.to(acc)
     vocab_chunk = _vocab_chunk(vocab)
     tiles = [(v0, min(v0 + vocab_chunk, vocab)) for v0 in range(0, vocab, vocab_chunk)]
     store = torch.empty(min(per_chunk * seq, n_tokens) * vocab, **new)
-    logit_sum = _linear_logit_sum(weight, bias, transform, acc) if stats else None
+    # the entropy's centered sum needs z − m beside e: the GEMM goes to a cache-sized scratch tile, e to the store
+    scratch = None
+    if keep_exp and options.kernel_stats & 2:
+        scratch = torch.empty(min(TOKEN_CHUNK, per_chunk * seq, n_tokens) * vocab_chunk, **new)
     for s0 in range(0, n_tokens // max(seq, 1), per_chunk):
         r0, r1 = s0 * seq, min((s0 + per_chunk) * seq, n_tokens)
         t_all = targets[r0:r1]
@@ -279,20 +272,17 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
             offset += (t1 - t0) * (v1 - v0)
         partials = P.empty_partials(len(tiles), n_c, stats, acc, hidden.device)
         for (t0, t1), (k, (v0, v1)) in ((blk, tile) for blk in blocks for tile in enumerate(tiles)):  # the forward
-            z = views[t0, v0]
+            kept = views[t0, v0]
+            z = kept if scratch is None else scratch[: kept.numel()].view_as(kept)
             if b is not None:
                 torch.addmm(b[v0:v1], h_c[t0:t1], w[v0:v1].t(), out=z)  # GEMM 1
             else:
                 torch.mm(h_c[t0:t1], w[v0:v1].t(), out=z)
-            e = _fold_tile(transform.apply_(z), t_c[t0:t1] - v0, partials[:, k, t0:t1], stats,
-                           separate_exp=stats or not keep_exp, sum_logits=stats and logit_sum is None)
-            if keep_exp and e is not z:
-                z.copy_(e)
-        if stats and logit_sum is not None:  # the whole row's sum, in the first tile's piece
-            partials[P.LOGIT_SUM] = 0.0
-            partials[P.LOGIT_SUM, 0] = logit_sum(h_c)
+            _fold_tile(transform.apply_(z), t_c[t0:t1] - v0, partials[:, k, t0:t1], options.kernel_stats,
+                       keep_centered=not keep_exp, exp_out=None if scratch is None else kept)
+        P.add_linear_logit_sums(partials, h_c, weight, bias, options)
         valid = t_c != options.ignore_index
-        logps_c, lse_c, stats_c = merge_partials(partials, valid, vocab)
+        logps_c, lse_c, stats_c = merge_partials(partials, valid, vocab, stats)
         chunk_logps = torch.zeros(r1 - r0, **new).index_copy_(0, local, logps_c)
         g = token_coefficients(chunk_logps.view(-1, seq), s0).reshape(-1)[local].to(acc)
         g = torch.where(valid, g, 0.0)
@@ -300,7 +290,8 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
         logps[out], lse[out] = logps_c, lse_c
         if stats:
             for field, value in zip(token_stats, stats_c):
-                field[out] = value
+                if field is not None:
+                    field[out] = value
         for t0, t1 in blocks:  # the gradients, from the kept tiles
             g_b = g[t0:t1]
             if g_b.device.type == "cpu" and not bool(g_b.any()):
@@ -326,5 +317,5 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
                 if grad_b is not None:
                     grad_b[v0:v1] += dy.sum(0)
             if gh_b is not None:
-                grad_h[out[t0:t1]] = gh_b
+                grad_h[out[t0:t1]] = gh_b.to(grad_h.dtype)
     return (logps, lse, token_stats), (grad_h, grad_w, grad_b)

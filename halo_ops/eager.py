@@ -5,8 +5,18 @@ constants such as the batch size) can finish a chunk of whole sequences as soon 
 exist: its per-token log-probs give the sequences' coefficients, which give dL/dy = g · (onehot − p) ·
 dz/dy, then dH and dW. Both paths have it: ``chunked.chunked_eager`` (PyTorch) and
 ``kernels.eager.eager_gradients`` (cuBLAS GEMMs and Triton folds over the chunk's slabs; the merge and the
-loss stay here). A chunk's logits are bounded by ``eager_budget``; a sequence longer than that makes the
-caller recompute instead.
+loss stay here).
+
+Memory. The schedule keeps the gradients from its forward to its backward: dW [V, D] (and db) in the
+accumulation dtype, since every chunk adds to it, and dH [N, D] in the hidden's own dtype, since each chunk's
+rows are complete after that chunk (a sum over the whole vocabulary), rounded once. Beside them a chunk's
+logits (``eager_row_bytes`` per token). All of it stays within ``eager_memory_bound``: the gradients of both
+head inputs in the accumulation dtype plus ``EAGER_WORKSPACE`` (at N=16384, D=4096, V=128256 in bf16, 2.46 GiB,
+what TRL's head holds in its backward: fp32 dH and dW and a 256 MiB logits buffer). The chunk's logits get what
+the kept gradients leave of it, at most ``eager_budget``; when that holds no whole sequence the caller
+recomputes instead (bench/NOTES.md item 33 has the arithmetic). Casting dW to the weight's dtype at the end of
+the forward would halve what is kept, but the cast holds both copies at once: a higher peak, so it is not done.
+The PyTorch path's cache-sized tile temporaries (a few of ``chunked.TILE_ELEMENTS``) come on top.
 """
 
 from __future__ import annotations
@@ -14,13 +24,15 @@ from __future__ import annotations
 import torch
 
 from .options import TokenOptions, accumulation_dtype
-from .partials import TokenStats, merge_partials
+from .partials import STATISTICS, TokenStats, add_linear_logit_sums, merge_partials
 
 # Bytes of one chunk's kept logits (on the Triton path with half-precision dL/dy beside them): 256 MiB on CPU
 # (bench/NOTES.md items 20 and 23). On a GPU 1 GiB holds two
 # sequences of 512 tokens at V = 128256 in bf16 (rows · V · 6 bytes), beside the fp32 dH and dW kept anyway.
 EAGER_BYTES = 1 << 28
 EAGER_BYTES_CUDA = 1 << 30
+# Bytes the schedule may hold beyond the gradients of both head inputs (in the accumulation dtype)
+EAGER_WORKSPACE = 1 << 28
 
 
 def eager_budget(device: torch.device) -> int:
@@ -36,9 +48,27 @@ def eager_row_bytes(impl: str, vocab: int, dtype: torch.dtype) -> int:
     return triton_row_bytes(vocab, dtype)
 
 
-def eager_sequences_per_chunk(seq: int, vocab: int, dtype: torch.dtype, impl: str, device: torch.device) -> int:
-    """Whole sequences per chunk of the eager schedule within the budget; 0 when one sequence does not fit."""
-    return eager_budget(device) // max(1, seq * eager_row_bytes(impl, vocab, dtype))
+def eager_memory_bound(n_tokens: int, dim: int, vocab: int, dtype: torch.dtype) -> int:
+    """The most the eager schedule holds beyond its inputs and outputs: (V + N) · D · the accumulation dtype's size
+    plus ``EAGER_WORKSPACE``."""
+    return (vocab + n_tokens) * dim * accumulation_dtype(dtype).itemsize + EAGER_WORKSPACE
+
+
+def eager_kept_bytes(n_tokens: int, dim: int, vocab: int, dtype: torch.dtype, needs) -> int:
+    """What the eager schedule keeps from its forward to its backward: dW [V, D] and db [V] in the accumulation dtype,
+    dH [N, D] in the hidden's, each where ``needs`` (hidden, weight, bias) asks for it."""
+    acc = accumulation_dtype(dtype).itemsize
+    return (needs[0] * n_tokens * dim * dtype.itemsize + needs[1] * vocab * dim * acc
+            + bool(needs[2]) * vocab * acc)
+
+
+def eager_sequences_per_chunk(seq: int, hidden: torch.Tensor, weight: torch.Tensor, impl: str, needs) -> int:
+    """Whole sequences per chunk of the eager schedule: as many as ``eager_budget`` holds and the memory bound leaves
+    beside the kept gradients; 0 when one sequence does not fit (the caller recomputes). ``hidden`` [N, D]."""
+    (n_tokens, dim), vocab, dtype = hidden.shape, weight.shape[0], hidden.dtype
+    room = eager_memory_bound(n_tokens, dim, vocab, dtype) - eager_kept_bytes(n_tokens, dim, vocab, dtype, needs)
+    slabs = min(eager_budget(hidden.device), room)
+    return max(0, slabs) // max(1, seq * eager_row_bytes(impl, vocab, dtype))
 
 
 def eager_forward(hidden, weight, bias, targets, options: TokenOptions, seq: int, token_coefficients, needs,
@@ -48,14 +78,13 @@ def eager_forward(hidden, weight, bias, targets, options: TokenOptions, seq: int
     ``token_coefficients(logps [b, T], first_sequence) -> [b, T]`` gives dloss/dlogp_t for a chunk of b whole
     sequences of T = ``seq`` tokens from their per-token log-probs; b is a multiple of ``group`` (2 for a
     paired loss whose pairs are adjacent). Returns (logps, lse, stats) as ``token_op.forward_tokens`` does,
-    and the gradients (dH [N, D], dW [V, D], db [V]) of the loss in the accumulation dtype, None where
-    ``needs`` says no.
+    and the gradients of the loss: dH [N, D] in the hidden's dtype, dW [V, D] and db [V] in the accumulation
+    dtype, None where ``needs`` says no.
     """
-    per_chunk = eager_sequences_per_chunk(seq, weight.shape[0], hidden.dtype, options.impl, hidden.device)
-    per_chunk = per_chunk // group * group
+    per_chunk = eager_sequences_per_chunk(seq, hidden, weight, options.impl, needs) // group * group
     if per_chunk < 1:
         raise ValueError(f"a sequence of {seq} tokens does not fit the eager chunk ({eager_budget(hidden.device)} "
-                         "bytes)")
+                         "bytes, and the memory bound beside the kept gradients)")
     with torch.autocast(hidden.device.type, enabled=False):
         if options.impl == "torch":
             from .chunked import chunked_eager
@@ -72,16 +101,19 @@ def _triton_eager(hidden, weight, bias, targets, options: TokenOptions, seq, per
     f32 = {"dtype": torch.float32, "device": hidden.device}
     logps, lse = torch.empty(n_tokens, **f32), torch.empty(n_tokens, **f32)
     stats = None
-    if options.return_stats:
-        stats = TokenStats(*(torch.empty(n_tokens, **f32) for _ in range(3)),
-                           torch.empty(n_tokens, dtype=torch.bool, device=hidden.device))
+    if options.stats:
+        stats = TokenStats(*(None if name not in options.stats else torch.empty(
+            n_tokens, dtype=torch.bool if name == "is_top1" else torch.float32, device=hidden.device)
+            for name in STATISTICS))
 
     def chunk_coefficients(r0, r1, partials):
-        logps_c, lse_c, stats_c = merge_partials(partials, valid[r0:r1], vocab)
+        add_linear_logit_sums(partials, hidden[r0:r1], weight, bias, options)
+        logps_c, lse_c, stats_c = merge_partials(partials, valid[r0:r1], vocab, options.stats)
         logps[r0:r1], lse[r0:r1] = logps_c, lse_c
         if stats is not None:
             for field, value in zip(stats, stats_c):
-                field[r0:r1] = value
+                if field is not None:
+                    field[r0:r1] = value
         grad = token_coefficients(logps_c.view(-1, seq), r0 // seq).reshape(-1)
         return lse_c, torch.where(valid[r0:r1], grad, 0.0).float()
 

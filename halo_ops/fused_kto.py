@@ -37,6 +37,10 @@ from .validation import check_sequence_tensor
 from .vocab_parallel import vocab_parallel_logprobs
 
 
+# The per-token statistics TRL's KTO metrics need (logits/chosen, logits/rejected, entropy); no other is computed
+KTO_STATISTICS = ("entropy", "mean_logit")
+
+
 @opts.register
 @dataclasses.dataclass(frozen=True)
 class KTOOptions:
@@ -116,8 +120,9 @@ def _fused_linear_kto(
     kl: Tensor, token_options: str, kto_options: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, D], targets [N] (N = B·T) → (loss, losses [B], policy_logps [B], rewards [B], sums, lse [N],
-    token coefficients [N] = dloss/dlogp_t, and with the eager schedule the gradients dH [N, D], dW [V, D],
-    db [V] of the loss, else empty), in the accumulation dtype but for the float32 sums."""
+    token coefficients [N] = dloss/dlogp_t, and with the eager schedule the gradients dH [N, D] (the hidden's
+    dtype), dW [V, D], db [V] of the loss, else empty), in the accumulation dtype but for dH and the float32
+    sums."""
     token, kto = opts.decode(token_options), opts.decode(kto_options)
     batch = targets.shape[0] // kto.seq if kto.seq else 0
     acc = accumulation_dtype(hidden.dtype)
@@ -131,7 +136,7 @@ def _fused_linear_kto(
         token_logps, lse, stats, jacobian = forward_tokens(token, hidden, weight, bias, targets)
     policy_logps = _sequence_logps(token_logps.view(batch, kto.seq), counts, kto)
     token_stats = None
-    if token.return_stats:
+    if token.stats:
         token_stats = (stats.mean_logit.view(batch, kto.seq).sum(-1), counts,
                        stats.entropy.view(batch, kto.seq).sum(-1))
     losses, coeff, rewards, sums = _sequence_terms(token.impl, policy_logps, ref_logps, labels, kl, kto, token_stats)
@@ -139,7 +144,7 @@ def _fused_linear_kto(
     token_coeff = _token_coefficients(coeff, counts, batch, kto).reshape(-1).clone()
     loss = losses.sum() / max(batch, 1)
     if jacobian is not None:  # a frozen head: dH is known now, the coefficients times the Jacobian
-        grads = (jacobian_grad(jacobian, targets, token_coeff, token.ignore_index), None, None)
+        grads = (jacobian_grad(jacobian, targets, token_coeff, token.ignore_index).to(hidden.dtype), None, None)
     grads = tuple(hidden.new_empty(0, dtype=acc) if g is None else g for g in grads or (None,) * 3)
     return loss, losses, policy_logps, rewards, sums, lse, token_coeff, *grads
 
@@ -150,7 +155,7 @@ def _(hidden, weight, bias, targets, labels, ref_logps, kl, token_options, kto_o
     acc = {"dtype": accumulation_dtype(hidden.dtype)}
     eager = opts.decode(kto_options).eager or ((True, False, False) if opts.decode(token_options).save_jacobian
                                                else (False, False, False))
-    grads = (hidden.new_empty(hidden.shape if eager[0] else 0, **acc),
+    grads = (hidden.new_empty(hidden.shape if eager[0] else 0),
              hidden.new_empty(weight.shape if eager[1] else 0, **acc),
              hidden.new_empty(bias.shape if eager[2] and bias is not None else 0, **acc))
     return (hidden.new_empty((), **acc), *(hidden.new_empty(batch, **acc) for _ in range(3)),
@@ -238,16 +243,17 @@ def fused_linear_kto_loss(
             recomputes the logits (four GEMMs; on the Triton path the backward runs ``schedule``).
             Otherwise, when a backward will follow, the forward forms the gradients itself, on both paths:
             from each chunk of whole sequences' logits, built once (the eager schedule, ``halo_ops.eager``:
-            three GEMMs; a chunk's logits within ``eager.EAGER_BYTES``, 256 MiB, on CPU and
-            ``EAGER_BYTES_CUDA``, 1 GiB, on a GPU, plus the fp32 dH [N, D] and dW [V, D] held from the
-            forward to the backward), or, with a frozen head and no gradient filtering, from each token's
-            Jacobian as :func:`halo_ops.linear_logprobs` builds it (two GEMMs). ``None`` (default) and
-            ``False`` both choose that; the measured gains are in bench/NOTES.md item 20. A sequence too
-            long for one chunk recomputes.
+            three GEMMs. It holds dW [V, D] in fp32 and dH [N, D] in the hidden's dtype from the forward to
+            the backward, and a chunk's logits beside them, all within ``eager.eager_memory_bound``: the fp32
+            gradients of hidden and weight plus 256 MiB, 2.46 GiB at N=16384, D=4096, V=128256 in bf16; the
+            chunk gets what the kept gradients leave, at most 256 MiB on CPU and 1 GiB on a GPU), or, with a
+            frozen head and no gradient filtering, from each token's Jacobian as :func:`halo_ops.linear_logprobs`
+            builds it (two GEMMs). ``None`` (default) and ``False`` both choose that; the measured gains are in
+            bench/NOTES.md items 20 and 32. A sequence too long for one chunk recomputes.
         token_metrics: compute TRL's per-token metrics (``logits/chosen``, ``logits/rejected``, ``entropy``)
-            in the same pass. They cost about 30% of the PyTorch path's forward (an exp into a second buffer
-            and a product pass per tile, bench/NOTES.md item 21); ``False`` skips them (the metrics dict then
-            leaves them out).
+            in the same pass: the entropy's partial per logits tile, and the mean logit in closed form without
+            softcap (``halo_ops.partials``); no other statistic is computed (bench/NOTES.md item 32 has their
+            cost). ``False`` skips them (the metrics dict then leaves them out).
         saturation_threshold: if > 0, sequences whose gradient coefficient |dloss_i/dlogp_i| is
             below it are left out of the backward (the sigmoid is saturated there). Approximate:
             the gradient error is at most ``saturation_threshold / B · Σ_skipped ‖∇ logp_i‖``.
@@ -265,8 +271,8 @@ def fused_linear_kto_loss(
     batch, seq = hidden.shape[:2]
     hidden2d, weight, bias, flat_targets, token_options, sharding = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
-        temperature=temperature, impl=impl, return_stats=bool(token_metrics), check_targets=check_targets,
-        check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps,
+        temperature=temperature, impl=impl, return_stats=KTO_STATISTICS if token_metrics else (),
+        check_targets=check_targets, check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps,
         schedule=schedule, vocab_parallel=vocab_parallel)
     labels = as_bool_labels(labels, batch, hidden.device)
     check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)
@@ -283,7 +289,7 @@ def fused_linear_kto_loss(
     token_options = with_frozen_head_jacobian(token_options, hidden2d, weight, bias, recompute)
     needs = tuple(x is not None and x.requires_grad for x in (hidden2d, weight, bias))
     eager = (torch.is_grad_enabled() and any(needs) and recompute is not True and not token_options.save_jacobian
-             and eager_sequences_per_chunk(seq, weight.shape[0], hidden2d.dtype, token_options.impl, hidden2d.device))
+             and eager_sequences_per_chunk(seq, hidden2d, weight, token_options.impl, needs))
     if not eager:
         token_options = measured_schedule(token_options, hidden2d, weight, bias, flat_targets, schedule=schedule,
                                           deterministic=deterministic)

@@ -165,9 +165,9 @@ def fused_linear_preference_loss(
         check_targets=check_targets, check_finite=False, deterministic=False, grad_filter_eps=0.0, **transform)
     acc = accumulation_dtype(hidden2d.dtype)
     refs = tuple(None if r is None else r.detach().to(acc) for r in (ref_chosen_logps, ref_rejected_logps))
-    needs = any(x is not None and x.requires_grad for x in (hidden2d, weight, bias))
-    eager = (torch.is_grad_enabled() and needs and recompute is not True and sharding is None and pairs > 0
-             and eager_sequences_per_chunk(seq, weight.shape[0], hidden2d.dtype, options.impl, hidden2d.device) >= 2)
+    needs = tuple(x is not None and x.requires_grad for x in (hidden2d, weight, bias))
+    eager = (torch.is_grad_enabled() and any(needs) and recompute is not True and sharding is None and pairs > 0
+             and eager_sequences_per_chunk(seq, hidden2d, weight, options.impl, needs) >= 2)
     if eager:
         # chosen and rejected side by side, so that a chunk of whole sequences holds whole pairs
         order = torch.stack([torch.arange(pairs), pairs + torch.arange(pairs)], 1).reshape(-1).to(hidden2d.device)

@@ -8,6 +8,7 @@ import importlib.util
 import torch
 
 from .options import TokenOptions
+from .partials import requested_statistics
 from .transform import LogitTransform
 from .validation import check_linear_inputs
 
@@ -110,7 +111,8 @@ def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_
     A head that is a DTensor (tensor parallelism) or comes with ``vocab_parallel`` is one rank's shard.
     Returns (hidden [N, D], weight, bias, targets [N] int64 contiguous, TokenOptions, sharding), the last a
     ``(VocabParallel, full vocabulary size or None)`` pair for a shard, else None; the size is known (or summed
-    over the group) where ``check_targets`` or ``return_stats`` needs it.
+    over the group) where ``check_targets`` or the mean logit needs it. ``return_stats``: as ``linear_logprobs``
+    takes it (``partials.requested_statistics``).
     """
     from .vocab_parallel import VocabParallel, from_dtensor_head, global_vocab, is_dtensor
 
@@ -128,11 +130,12 @@ def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_
             raise ValueError(f"vocab_parallel holds rows [{vocab_parallel.start}, {vocab_parallel.stop}) but this "
                              f"rank's weight has {weight.shape[0]} rows")
     transform = LogitTransform(logit_scale, softcap, temperature)
+    stats = requested_statistics(return_stats)
     device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
     hidden, weight, bias = (_autocast(x, device_type) for x in (hidden, weight, bias))
     sharding = None
     if vocab_parallel is not None:
-        needs_vocab = (check_targets or return_stats) and not torch.compiler.is_compiling()
+        needs_vocab = (check_targets or "mean_logit" in stats) and not torch.compiler.is_compiling()
         sharding = (vocab_parallel, global_vocab(vocab_parallel, weight.device) if needs_vocab else None)
     check_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, check_targets=check_targets,
                         check_finite=check_finite, target_range=None if sharding is None else sharding[1])
@@ -142,7 +145,7 @@ def prepare_linear_inputs(hidden, weight, targets, bias, *, ignore_index, logit_
     resolved = resolve_schedule(schedule, impl=impl, deterministic=bool(deterministic), grad_filter_eps=grad_filter_eps,
                                 device=hidden.device, dtype=hidden.dtype, dim=weight.shape[1], vocab=weight.shape[0])
     options = TokenOptions(impl=impl, transform=transform, ignore_index=int(ignore_index),
-                           return_stats=bool(return_stats), schedule=resolved, grad_filter_eps=float(grad_filter_eps))
+                           stats=stats, schedule=resolved, grad_filter_eps=float(grad_filter_eps))
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, options, sharding
 

@@ -13,17 +13,17 @@ from .vocab_parallel import VocabParallel, vocab_parallel_logprobs
 
 
 class LinearLogProbs(NamedTuple):
-    """``linear_logprobs(..., return_stats=True)``: log-probs plus per-token statistics.
+    """``linear_logprobs(..., return_stats=...)``: log-probs plus per-token statistics, None where not asked for.
 
     The entropy is differentiable (its gradient joins the log-probs' in the same backward); the other
     statistics carry no gradient.
     """
 
     logps: torch.Tensor  # like targets ("none") or one value per row ("sum"/"mean"), float32
-    entropy: torch.Tensor  # like targets: entropy of softmax(z), 0 at ignored positions
-    mean_logit: torch.Tensor  # like targets: mean over the vocabulary of z, 0 at ignored positions
-    log_sum_sq_probs: torch.Tensor  # like targets: log Σ_v p_v², 0 at ignored positions
-    is_top1: torch.Tensor  # like targets, bool: the target is z's first argmax, False at ignored positions
+    entropy: torch.Tensor | None  # like targets: entropy of softmax(z), 0 at ignored positions
+    mean_logit: torch.Tensor | None  # like targets: mean over the vocabulary of z, 0 at ignored positions
+    log_sum_sq_probs: torch.Tensor | None  # like targets: log Σ_v p_v², 0 at ignored positions
+    is_top1: torch.Tensor | None  # like targets, bool: the target is z's first argmax, False at ignored positions
 
 
 def linear_logprobs(
@@ -38,7 +38,7 @@ def linear_logprobs(
     temperature: float = 1.0,
     reduction: str = "none",
     impl: str = "auto",
-    return_stats: bool = False,
+    return_stats: bool | tuple[str, ...] = False,
     check_targets: bool = True,
     check_finite: bool = False,
     deterministic: bool = False,
@@ -69,7 +69,10 @@ def linear_logprobs(
         return_stats: also return per-token statistics of ``softmax(z)`` from the same pass, as a
             :class:`LinearLogProbs`: the entropy (differentiable: ∂H/∂z = −p (log p + H) joins the
             backward), the mean logit, log Σ p², and whether the target is the first argmax (TRL's
-            ``is_top1``); the last three carry no gradient.
+            ``is_top1``); the last three carry no gradient. ``True`` computes all four; names among
+            ``"entropy"``, ``"mean_logit"``, ``"log_sum_sq_probs"``, ``"is_top1"`` compute those alone
+            (the others come back None and cost nothing: each needs its own pass over the logits, except
+            the mean logit, which without softcap is ``(h · Σ_v W_v + Σ_v b_v) · scale / V``, O(D) per token).
         check_targets: raise on targets outside ``[0, V)`` (reads them on the host: one sync).
         check_finite: raise on NaN/inf in hidden, weight or bias (one extra pass and a sync).
         deterministic: a Triton backward without atomics, bitwise reproducible from run to run
@@ -120,6 +123,6 @@ def linear_logprobs(
         logps, stats = token_logprobs(hidden2d, weight, bias, flat_targets, options)
     valid = targets != ignore_index
     logps = reduce_last_dim(logps.view(targets.shape), valid, reduction)
-    if not return_stats:
+    if stats is None:
         return logps
-    return LinearLogProbs(logps, *(stat.view(targets.shape) for stat in stats))
+    return LinearLogProbs(logps, *(None if stat is None else stat.view(targets.shape) for stat in stats))

@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from .partials import kernel_stats_mask
 from .transform import LogitTransform
 
 
@@ -28,13 +29,19 @@ class TokenOptions:
     # a factory, not an instance: torch 2.7's dynamo cannot build a dataclass whose default is an instance
     transform: LogitTransform = dataclasses.field(default_factory=LogitTransform)
     ignore_index: int = -100
-    return_stats: bool = False  # also per-token entropy and mean logit
+    # the per-token statistics to compute beside the log-probs, a subset of partials.STATISTICS in its order
+    stats: tuple = ()
     schedule: str = "atomic"  # the backward's schedule, resolved: atomic, owner, slab (Triton) or chunked (torch)
     grad_filter_eps: float = 0.0  # softmax probabilities below it count as 0 in the backward
     save_jacobian: bool = False  # frozen head: the forward builds d logp / d hidden, the backward only scales it
     # block configs measured for this call's key (halo_ops.autotune): ((kernel, *the kernels.config.BlockConfig
     # fields), ...); a kernel not named takes kernels.config.select_config's
     configs: tuple = ()
+
+    @property
+    def kernel_stats(self) -> int:
+        """The partial kinds the kernels fold for ``stats`` (``partials.kernel_stats_mask``: their ``STATS``)."""
+        return kernel_stats_mask(self.stats, self.transform.softcap is not None)
 
 
 def encode(options) -> str:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import options as opts
 from .options import TokenOptions, accumulation_dtype
-from .partials import TokenStats, merge_partials
+from .partials import STATISTICS, TokenStats, add_linear_logit_sums, merge_partials
 from .zero3 import gathered
 
 # A bf16/fp16 weight's gradient is built in vocabulary slices of at most this many bytes of fp32, each cast
@@ -35,8 +35,9 @@ def weight_slice_rows(vocab: int, dim: int, weight_dtype: torch.dtype) -> int:
 
 
 def token_partials(options: TokenOptions, hidden, weight, bias, targets):
-    """The backend's per-piece partials [3 or 7, K, N] (``halo_ops.partials``) in the accumulation dtype, and the
-    Jacobian d logp_t / d h_t [N, D] with ``options.save_jacobian``, else None. Autocast is off inside; N > 0."""
+    """The backend's per-piece partials [3 or 7, K, N] (``halo_ops.partials``, the statistics ``options.stats``
+    asks for) in the accumulation dtype, and the Jacobian d logp_t / d h_t [N, D] with ``options.save_jacobian``,
+    else None. Autocast is off inside; N > 0."""
     jacobian = None
     with torch.autocast(hidden.device.type, enabled=False):
         if options.impl == "torch":
@@ -51,23 +52,26 @@ def token_partials(options: TokenOptions, hidden, weight, bias, targets):
             from .kernels import linear_logprobs_forward
 
             partials = linear_logprobs_forward(hidden, weight, bias, targets, options)
-    return partials.to(accumulation_dtype(hidden.dtype)), jacobian
+        partials = partials.to(accumulation_dtype(hidden.dtype))
+        add_linear_logit_sums(partials, hidden, weight, bias, options)
+    return partials, jacobian
 
 
 def forward_tokens(options: TokenOptions, hidden, weight, bias, targets):
     """(logps [N], lse [N], stats, jacobian): the first two in the accumulation dtype; ``stats`` a
-    ``partials.TokenStats`` with ``options.return_stats``, else None; the Jacobian d logp_t / d h_t [N, D] with
-    ``options.save_jacobian``, else None. Autocast is off inside; N = 0 is handled."""
+    ``partials.TokenStats`` of ``options.stats`` (None without statistics); the Jacobian d logp_t / d h_t [N, D]
+    with ``options.save_jacobian``, else None. Autocast is off inside; N = 0 is handled."""
     acc = accumulation_dtype(hidden.dtype)
     if hidden.shape[0] == 0:
         jacobian = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if options.save_jacobian else None
         empty = hidden.new_zeros(0, dtype=acc)
         stats = None
-        if options.return_stats:
-            stats = TokenStats(empty.clone(), empty.clone(), empty.clone(), hidden.new_zeros(0, dtype=torch.bool))
+        if options.stats:
+            stats = TokenStats(*(None if name not in options.stats else hidden.new_zeros(
+                0, dtype=torch.bool if name == "is_top1" else acc) for name in STATISTICS))
         return empty, empty.clone(), stats, jacobian
     partials, jacobian = token_partials(options, hidden, weight, bias, targets)
-    return (*merge_partials(partials, targets != options.ignore_index, weight.shape[0]), jacobian)
+    return (*merge_partials(partials, targets != options.ignore_index, weight.shape[0], options.stats), jacobian)
 
 
 def jacobian_grad(jacobian, targets, grad_logps, ignore_index: int):
@@ -118,20 +122,21 @@ def backward_tokens(options: TokenOptions, hidden, weight, bias, targets, lse, g
 @torch.library.custom_op("halo_ops::token_logprobs", mutates_args=())
 def _token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                     options: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(logps, lse, entropy, mean_logit, log_sum_sq_probs, is_top1) [N] and the Jacobian [N, D]; the statistics
-    are empty [0] without return_stats, the Jacobian without save_jacobian."""
+    """(logps, lse, entropy, mean_logit, log_sum_sq_probs, is_top1) [N] and the Jacobian [N, D]; a statistic
+    not in ``stats`` is empty [0], the Jacobian without save_jacobian."""
     logps, lse, stats, jacobian = forward_tokens(opts.decode(options), hidden, weight, bias, targets)
-    if stats is None:
-        stats = (*(logps.new_empty(0) for _ in range(3)), logps.new_empty(0, dtype=torch.bool))
+    stats = stats or (None,) * len(STATISTICS)
+    stats = (logps.new_empty(0, dtype=torch.bool if name == "is_top1" else logps.dtype) if stat is None else stat
+             for name, stat in zip(STATISTICS, stats))
     return logps, lse, *stats, logps.new_empty(0) if jacobian is None else jacobian
 
 
 @_token_logprobs.register_fake
 def _(hidden, weight, bias, targets, options):
     n, dtype, decoded = hidden.shape[0], accumulation_dtype(hidden.dtype), opts.decode(options)
-    stat = n if decoded.return_stats else 0
-    return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype),
-            *(hidden.new_empty(stat, dtype=dtype) for _ in range(3)), hidden.new_empty(stat, dtype=torch.bool),
+    stats = (hidden.new_empty(n if name in decoded.stats else 0, dtype=torch.bool if name == "is_top1" else dtype)
+             for name in STATISTICS)
+    return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype), *stats,
             hidden.new_empty(hidden.shape if decoded.save_jacobian else 0, dtype=dtype))
 
 
@@ -173,8 +178,8 @@ def _setup_context(ctx, inputs, output):
     ctx.options = options
     ctx.dtype = hidden.dtype
     ctx.set_materialize_grads(False)  # an unused entropy must bring None, not zeros that the backward would carry
-    entropy = output[2] if decoded.return_stats else None  # kept for its gradient
-    if decoded.save_jacobian and not decoded.return_stats:  # the backward only scales the Jacobian
+    entropy = output[2] if "entropy" in decoded.stats else None  # kept for its gradient
+    if decoded.save_jacobian and entropy is None:  # the backward only scales the Jacobian
         ctx.save_for_backward(None, None, None, targets, output[1], output[6], None)
     else:  # the entropy's gradient, if one comes, needs a recompute beside the Jacobian
         ctx.save_for_backward(hidden, weight, bias, targets, output[1], output[6] if decoded.save_jacobian else None,
@@ -205,9 +210,10 @@ _token_logprobs.register_autograd(_backward, setup_context=_setup_context)
 
 
 def token_logprobs(hidden, weight, bias, targets, options: TokenOptions):
-    """(logps [N], ``partials.TokenStats`` | None without ``options.return_stats``), differentiable in logps and in
-    the entropy (the other statistics are detached)."""
-    logps, _, entropy, *stats, _ = _token_logprobs(hidden, weight, bias, targets, opts.encode(options))
-    if not options.return_stats:
+    """(logps [N], ``partials.TokenStats`` of ``options.stats``, None without statistics), differentiable in logps
+    and in the entropy (the other statistics are detached)."""
+    logps, _, *stats, _ = _token_logprobs(hidden, weight, bias, targets, opts.encode(options))
+    if not options.stats:
         return logps, None
-    return logps, TokenStats(entropy, *(stat.detach() for stat in stats))
+    return logps, TokenStats(*(None if name not in options.stats else stat if name == "entropy" else stat.detach()
+                               for name, stat in zip(STATISTICS, stats)))

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from .options import TokenOptions, accumulation_dtype
-from .partials import TokenStats, combine_pieces, merge_partials
+from .partials import STATISTICS, TokenStats, combine_pieces, merge_partials
 from .token_op import backward_accumulators, token_partials
 
 
@@ -115,7 +115,8 @@ def local_targets(targets, vocab_parallel: VocabParallel, ignore_index: int):
 
 
 class _VocabParallelTokens(torch.autograd.Function):
-    """(logps, *TokenStats) [N] on every rank from this rank's shard; differentiable in logps and the entropy."""
+    """(logps, *the statistics of ``options.stats``) [N] on every rank from this rank's shard; differentiable in logps
+    and the entropy."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, options: TokenOptions, vocab_parallel: VocabParallel, vocab):
@@ -123,27 +124,28 @@ class _VocabParallelTokens(torch.autograd.Function):
         local = local_targets(targets, vocab_parallel, options.ignore_index)
         acc = accumulation_dtype(hidden.dtype)
         if hidden.shape[0] == 0:  # every rank has the same N: no rank waits in a collective
-            stats = ()
-            if options.return_stats:
-                stats = (*(hidden.new_zeros(0, dtype=acc) for _ in range(3)), hidden.new_zeros(0, dtype=torch.bool))
+            stats = tuple(hidden.new_zeros(0, dtype=torch.bool if name == "is_top1" else acc) for name in options.stats)
             logps, lse = hidden.new_zeros(0, dtype=acc), hidden.new_zeros(0, dtype=acc)
         else:
             partials, _ = token_partials(options, hidden, weight, bias, local)
             piece = combine_pieces(partials)[:, 0].contiguous()  # [P, N]
             pieces = [torch.empty_like(piece) for _ in range(dist.get_world_size(vocab_parallel.group))]
             dist.all_gather(pieces, piece, group=vocab_parallel.group)
-            logps, lse, stats = merge_partials(torch.stack(pieces, 1), targets != options.ignore_index, vocab)
-            stats = tuple(stats) if stats is not None else ()
+            logps, lse, stats = merge_partials(torch.stack(pieces, 1), targets != options.ignore_index, vocab,
+                                               options.stats)
+            stats = tuple(stat for stat in stats if stat is not None) if stats is not None else ()
         ctx.options, ctx.vocab_parallel = options, vocab_parallel
         ctx.set_materialize_grads(False)  # an entropy used for logging only brings no gradient term
-        ctx.save_for_backward(hidden, weight, bias, local, lse, stats[0] if stats else None)
-        for stat in stats[1:]:  # the entropy is differentiable, the other statistics are not
+        entropy = stats[0] if "entropy" in options.stats else None
+        ctx.save_for_backward(hidden, weight, bias, local, lse, entropy)
+        for stat in stats[entropy is not None:]:  # the entropy is differentiable, the other statistics are not
             ctx.mark_non_differentiable(stat)
         return (logps, *stats) if stats else logps
 
     @staticmethod
-    def backward(ctx, grad_logps, grad_entropy=None, *_other_stat_grads):
+    def backward(ctx, grad_logps, *stat_grads):
         hidden, weight, bias, local, lse, entropy = ctx.saved_tensors
+        grad_entropy = stat_grads[0] if entropy is not None else None
         needs = ctx.needs_input_grad[:3]
         grads = backward_accumulators(ctx.options, hidden, weight, bias, local, lse, grad_logps, needs, grad_entropy,
                                       entropy)
@@ -162,6 +164,7 @@ def vocab_parallel_logprobs(hidden, weight, bias, targets, options: TokenOptions
     if options.save_jacobian:
         options = dataclasses.replace(options, save_jacobian=False)
     out = _VocabParallelTokens.apply(hidden, weight, bias, targets, options, vocab_parallel, vocab)
-    if not options.return_stats:
+    if not options.stats:
         return out, None
-    return out[0], TokenStats(*out[1:])
+    given = dict(zip(options.stats, out[1:]))
+    return out[0], TokenStats(*(given.get(name) for name in STATISTICS))

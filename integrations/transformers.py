@@ -139,7 +139,8 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     original_forward = model.forward
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     transform = logit_transform_from_config(model.config)
-    return_stats = bool(set(outputs) - {"log_probs"})
+    # the statistics to compute, by linear_logprobs' names: no other one is
+    return_stats = tuple({"mean_logits": "mean_logit"}.get(name, name) for name in outputs if name != "log_probs")
 
     # Keep the original signature: `generate` validates its model kwargs against it
     @functools.wraps(type(model).forward)

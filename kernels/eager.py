@@ -10,11 +10,12 @@ of whole sequences can finish its gradients as soon as its logits exist. Per chu
    ``halo_ops``);
 3. ``dlogits_from_slab_kernel`` writes ``dL/dy = g · (onehot − exp(z − lse)) · dz/dy`` (in the inputs'
    dtype, over Y itself for fp32);
-4. ``dH_c = dL/dy · W`` (GEMM 2) and ``dW += dL/dyᵀ · H_c`` (GEMM 3), fp32 accumulators; ``db += Σ dL/dy``.
+4. ``dH_c = dL/dy · W`` (GEMM 2, fp32, complete: the chunk's rows of dH, rounded once into the hidden's
+   dtype) and ``dW += dL/dyᵀ · H_c`` (GEMM 3, into an fp32 accumulator); ``db += Σ dL/dy``.
 
 No recompute: three GEMMs where the recompute schedules need four. Memory: the chunk's slabs,
-``rows · V · (4 + 2)`` bytes for bf16/fp16 (``rows · V · 4`` for fp32), and the fp32 dH [N, D] and dW [V, D]
-that the forward hands to the backward.
+``rows · V · (4 + 2)`` bytes for bf16/fp16 (``rows · V · 4`` for fp32) and an fp32 [rows, D] for half-precision
+dH, and the dH [N, D] (the hidden's dtype) and fp32 dW [V, D] that the forward hands to the backward.
 """
 
 from __future__ import annotations
@@ -36,23 +37,25 @@ def eager_row_bytes(vocab: int, dtype: torch.dtype) -> int:
 
 
 def eager_gradients(hidden, weight, bias, targets, options, rows: int, chunk_coefficients, needs, *, config=None):
-    """fp32 (dH [N, D], dW [V, D], db [V]) of Σ_t g_t · logp_t, None where ``needs`` says no, formed chunk by chunk.
+    """(dH [N, D] in the hidden's dtype, fp32 dW [V, D], fp32 db [V]) of Σ_t g_t · logp_t, None where ``needs`` says
+    no, formed chunk by chunk.
 
     ``rows``: tokens per chunk (whole sequences). ``chunk_coefficients(r0, r1, partials) -> (lse, g)``, both
     [r1 − r0] fp32, is called once per chunk with the chunk's partials [3 or 7, S, r1 − r0]
     (``halo_ops.partials``); ``g`` is 0 at ignored targets. ``options``: a ``halo_ops.options.TokenOptions``
-    (transform, return_stats, grad_filter_eps).
+    (transform, kernel_stats, grad_filter_eps).
     """
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     rows = max(1, min(rows, n_tokens))
     needs_h, needs_w, needs_b = needs[0], needs[1], needs[2] and bias is not None
     f32 = {"dtype": torch.float32, "device": hidden.device}
-    grad_h = torch.zeros((n_tokens, dim), **f32) if needs_h else None
+    half = hidden.dtype != torch.float32
+    grad_h = torch.empty((n_tokens, dim), dtype=hidden.dtype, device=hidden.device) if needs_h else None  # all set
+    chunk_grad_h = torch.empty((rows, dim), **f32) if needs_h and half else None
     grad_w = torch.zeros((vocab, dim), **f32) if needs_w else None
     grad_b = torch.zeros((vocab,), **f32) if needs_b else None
     logits = torch.empty((rows, vocab), **f32)
-    half = hidden.dtype != torch.float32
     dlogits = torch.empty((rows, vocab), dtype=hidden.dtype, device=hidden.device) if half else None
     cfg = config or config_for("fold", options, hidden, weight)
     eps = float(options.grad_filter_eps)
@@ -68,8 +71,10 @@ def eager_gradients(hidden, weight, bias, targets, options, rows: int, chunk_coe
             filter_eps=eps, HAS_FILTER=eps > 0, HAS_ENTROPY_GRAD=False, **transform_args(options.transform),
             **launch_options(cfg, with_block_d=False),
         )
-        if needs_h:
-            add_product_fp32(grad_h[r0:r1], dy, weight)  # GEMM 2
+        if needs_h and half:  # GEMM 2: fp32, then one rounding
+            grad_h[r0:r1] = projection_fp32(window(chunk_grad_h, r1 - r0, dim), dy, weight.t())
+        elif needs_h:
+            torch.mm(dy, weight, out=grad_h[r0:r1])
         if needs_w:
             add_product_fp32(grad_w, dy.t(), h_c)  # GEMM 3
         if needs_b:

@@ -38,7 +38,7 @@ def load_projection(y_ptr, bias_ptr, o_n, m_n, o_v, m_v, stride_y, HAS_BIAS: tl.
 @triton.jit
 def fold_slab_columns(y_ptr, bias_ptr, b_target, o_n, m_n, v_lo, v_hi, stride_y, logit_scale, softcap,
                       inv_temperature, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                      RETURN_STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+                      STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """The seven running partials of ``fold_tile`` for BLOCK_N rows of a projection slab over its columns
     [v_lo, v_hi), tile by tile (bias and logit transform applied)."""
     b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = empty_fold(BLOCK_N)
@@ -49,7 +49,7 @@ def fold_slab_columns(y_ptr, bias_ptr, b_target, o_n, m_n, v_lo, v_hi, stride_y,
         b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = fold_tile(
             b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp,
-            b_max_before, RETURN_STATS)
+            b_max_before, STATS)
     return b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before
 
 
@@ -58,7 +58,7 @@ def fold_slab_columns(y_ptr, bias_ptr, b_target, o_n, m_n, v_lo, v_hi, stride_y,
 def logits_fold_kernel(
     y_ptr, bias_ptr, targets_ptr, partials_ptr, stride_kind, stride_piece,
     N, V, stride_y, split_v, logit_scale, softcap, temperature, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_STATS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Program (i, s) folds BLOCK_N rows of the slab over its columns [s · split_v, (s + 1) · split_v) into the
@@ -71,9 +71,9 @@ def logits_fold_kernel(
     b_target = tl.load(targets_ptr + o_n, mask=m_n, other=-1)
     b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = fold_slab_columns(
         y_ptr, bias_ptr, b_target, o_n, m_n, pid_s * split_v, tl.minimum((pid_s + 1) * split_v, V), stride_y,
-        logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP, RETURN_STATS, BLOCK_N, BLOCK_V)
+        logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP, STATS, BLOCK_N, BLOCK_V)
     store_partials(partials_ptr, stride_kind, pid_s.to(tl.int64) * stride_piece + o_n, m_n, b_max, b_sum_exp, b_target_logit,
-                   b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
+                   b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, STATS)
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -139,13 +139,13 @@ def fold_layout(rows: int, slices, config: BlockConfig, device: torch.device, sp
 def gemm_forward(hidden, weight, bias, targets, options, *, slab_bytes=None, config=None, splits=None) -> torch.Tensor:
     """hidden [N, D], weight [V, D], bias [V] | None, targets [N] → partials [3 or 7, S, N] fp32, a piece per fold
     piece of each vocabulary slice (``options``: a ``halo_ops.options.TokenOptions``; transform, ignore_index,
-    return_stats). ``splits``: fold pieces per slice (default: enough to fill the GPU, ``fold_split_columns``)."""
+    kernel_stats). ``splits``: fold pieces per slice (default: enough to fill the GPU, ``fold_split_columns``)."""
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     rows, cols, slices, chunks = _slices(n_tokens, vocab, slab_bytes)
     cfg = config or config_for("fold", options, hidden, weight)
     split_columns, offsets = fold_layout(rows, slices, cfg, hidden.device, splits)
-    partials = torch.empty((partial_kinds(options.return_stats), offsets[-1], n_tokens), dtype=torch.float32,
+    partials = torch.empty((partial_kinds(options.kernel_stats), offsets[-1], n_tokens), dtype=torch.float32,
                            device=hidden.device)
     slab = torch.empty((rows, cols), dtype=torch.float32, device=hidden.device)
     for k, (v0, v1) in enumerate(slices):
@@ -164,11 +164,11 @@ def fold_logits(y, bias, targets, options, config, *, out=None, split_v=None) ->
     split_v = triton.cdiv(split_v or vocab, config.block_v) * config.block_v
     pieces = triton.cdiv(vocab, split_v)
     if out is None:
-        out = torch.empty((partial_kinds(options.return_stats), pieces, n), dtype=torch.float32, device=y.device)
+        out = torch.empty((partial_kinds(options.kernel_stats), pieces, n), dtype=torch.float32, device=y.device)
     assert out.shape[1] == pieces and out.stride(2) == 1
     logits_fold_kernel[(triton.cdiv(n, config.block_n), pieces)](
         y, bias, targets, out, out.stride(0), out.stride(1), n, vocab, y.stride(0), split_v,
-        RETURN_STATS=options.return_stats, **transform_args(options.transform),
+        STATS=options.kernel_stats, **transform_args(options.transform),
         **launch_options(config, with_block_d=False),
     )
     return out

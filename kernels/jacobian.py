@@ -66,7 +66,7 @@ def jacobian_forward(hidden, weight, bias, targets, options, *, slab_bytes=None,
     piece of each vocabulary slice, and the Jacobian J [N, D] fp32 of each token's log-prob with respect to its
     hidden state).
 
-    ``options``: a ``halo_ops.options.TokenOptions`` (transform, ignore_index, return_stats). Rows with an ignored
+    ``options``: a ``halo_ops.options.TokenOptions`` (transform, ignore_index, kernel_stats). Rows with an ignored
     target get J = 0. ``slab_bytes``: the budget of the fp32 logits slab and the weights' copy together.
     ``splits``: fold pieces per slice (default: enough to fill the GPU, ``gemm_schedule.fold_layout``).
     """
@@ -78,7 +78,7 @@ def jacobian_forward(hidden, weight, bias, targets, options, *, slab_bytes=None,
     cfg = config or config_for("fold", options, hidden, weight)
     split_columns, offsets = fold_layout(rows, slices, cfg, hidden.device, splits)
     f32 = {"dtype": torch.float32, "device": hidden.device}
-    partials = torch.empty((partial_kinds(options.return_stats), offsets[-1], n_tokens), **f32)
+    partials = torch.empty((partial_kinds(options.kernel_stats), offsets[-1], n_tokens), **f32)
     accumulator = torch.zeros((n_tokens, dim), **f32)
     running_max = torch.full((n_tokens,), float("-inf"), **f32)
     logits = torch.empty((rows, cols), **f32)

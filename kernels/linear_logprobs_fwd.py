@@ -5,8 +5,8 @@ every split before the next group starts, so that the programs in flight share a
 (which stay in L2) and each tile of W is read by GROUP_N programs at about the same time (the
 GROUP_SIZE_M order of Triton's matmul tutorial). Each program owns BLOCK_N tokens and one contiguous
 vocabulary range; it streams BLOCK_V-wide tiles of logits computed with ``tl.dot`` over D, folds
-each into a running max ``m``, ``s = Σ exp(z − m)`` and, with stats, ``u = Σ exp(z − m)(z − m)``
-and ``Σ z``, and picks the target logit inside the tile (the online form of the merge in
+each into a running max ``m``, ``s = Σ exp(z − m)`` and the partials of the statistics asked for
+(``STATS``), and picks the target logit inside the tile (the online form of the merge in
 ``halo_ops.partials``). It writes those per-split partials ([3 or 7, S, N], O(N) memory), which the
 token op merges. No logits leave the registers. Blocks whose targets are all ignored are skipped.
 """
@@ -31,7 +31,7 @@ def linear_logprobs_fwd_kernel(
     N, V, D, vocab_per_split,
     stride_hn, stride_hd, stride_wv, stride_wd,
     ignore_index, logit_scale, softcap, temperature, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_STATS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, STATS: tl.constexpr,
     UPCAST_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -54,10 +54,10 @@ def linear_logprobs_fwd_kernel(
             )
             b_z = logit_transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
             b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before = fold_tile(
-                b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
+                b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, STATS)
 
     store_partials(partials_ptr, stride_kind, pid_s.to(tl.int64) * N + o_n, m_n, b_max, b_sum_exp, b_target_logit,
-                   b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS)
+                   b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before, STATS)
 
 
 def linear_logprobs_forward(
@@ -73,7 +73,7 @@ def linear_logprobs_forward(
 ) -> torch.Tensor:
     """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 → partials [3 or 7, S, N] fp32.
 
-    ``options``: a ``halo_ops.options.TokenOptions`` (transform, ignore_index, return_stats are read; its
+    ``options``: a ``halo_ops.options.TokenOptions`` (transform, ignore_index, kernel_stats are read; its
     schedule ``"gemm"`` runs ``gemm_schedule.gemm_forward`` instead of the fused kernel).
     The partials are those of ``halo_ops.partials`` (max, Σ exp, target logit[, centered sum, Σ z]) per
     vocabulary split; ``halo_ops.partials.merge_partials`` turns them into log-probs. ``config``: block
@@ -89,7 +89,7 @@ def linear_logprobs_forward(
     splits = splits or vocab_splits(n_tokens, vocab, config, hidden.device, group)
     vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), config.block_v) * config.block_v
     splits = triton.cdiv(vocab, vocab_per_split)
-    stats = options.return_stats
+    stats = options.kernel_stats
     partials = torch.empty((partial_kinds(stats), splits, n_tokens), dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(n_tokens, config.block_n) * splits,)
     linear_logprobs_fwd_kernel[grid](
@@ -98,7 +98,7 @@ def linear_logprobs_forward(
         n_tokens, vocab, dim, vocab_per_split,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         options.ignore_index,
-        RETURN_STATS=stats, GROUP_N=group,
+        STATS=stats, GROUP_N=group,
         **transform_args(options.transform),
         **dot_options(hidden.dtype),
         **launch_options(config),

@@ -9,9 +9,10 @@ import triton.language as tl
 from .transform import logit_transform, logit_transform_grad
 
 
-def partial_kinds(return_stats: bool) -> int:
-    """Partials per row and piece: max, Σ exp, target logit, and with statistics four more (``halo_ops.partials``)."""
-    return 7 if return_stats else 3
+def partial_kinds(stats_mask: int) -> int:
+    """Partials per row and piece: max, Σ exp, target logit, and with any statistic four more (``halo_ops.partials``;
+    ``stats_mask`` is its ``kernel_stats_mask``, a kernel's ``STATS``)."""
+    return 7 if stats_mask else 3
 
 
 @triton.jit
@@ -96,24 +97,27 @@ def dlogits_from_projection(b_y, targets_ptr, lse_ptr, b_g, grad_ptr, stride_gra
 
 @triton.jit
 def fold_tile(b_z, o_v, m_v, b_target, b_max, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp,
-              b_max_before, RETURN_STATS: tl.constexpr):
+              b_max_before, STATS: tl.constexpr):
     """Fold a [BLOCK_N, BLOCK_V] tile of transformed logits into each row's running partials (the online form
-    of ``halo_ops.partials``): max, Σ exp(z − max), the target's logit, and with RETURN_STATS the centered sum
-    Σ exp(z − max)(z − max), Σ z, Σ exp(2(z − max)) and the max over the columns before the target's. Returns
-    the seven updated [BLOCK_N] blocks."""
+    of ``halo_ops.partials``): max, Σ exp(z − max), the target's logit, and the kinds the ``STATS`` mask names
+    (``halo_ops.partials.kernel_stats_mask``): 2 the centered sum Σ exp(z − max)(z − max), 4 Σ z, 8
+    Σ exp(2(z − max)), 16 the max over the columns before the target's. Returns the seven [BLOCK_N] blocks, those
+    not named as they came."""
     b_z = tl.where(m_v[None, :], b_z, float("-inf"))
     b_target_logit += tl.sum(tl.where(o_v[None, :] == b_target[:, None], b_z, 0.0), axis=1)
-    if RETURN_STATS:  # first, while few tiles are live (the fp32 forward spilled with it later)
+    if STATS & 16:  # first, while few tiles are live (the fp32 forward spilled with it later)
         b_before = tl.where(o_v[None, :] < b_target[:, None], b_z, float("-inf"))
         b_max_before = tl.maximum(b_max_before, tl.max(b_before, axis=1))
     b_max_new = tl.maximum(b_max, tl.max(b_z, axis=1))
     b_alpha = tl.exp(b_max - b_max_new)
     b_e = tl.exp(b_z - b_max_new[:, None])
-    if RETURN_STATS:
+    if STATS & 2:
         b_centered = tl.where(m_v[None, :], b_z - b_max_new[:, None], 0.0)
         b_shift = b_sum_exp * tl.where(b_sum_exp > 0, b_max - b_max_new, 0.0)  # s = 0 while m = −inf
         b_centered_sum = (b_centered_sum + b_shift) * b_alpha + tl.sum(b_e * b_centered, axis=1)
+    if STATS & 4:
         b_logit_sum += tl.sum(tl.where(m_v[None, :], b_z, 0.0), axis=1)
+    if STATS & 8:
         b_sq_sum_exp = b_sq_sum_exp * b_alpha * b_alpha + tl.sum(b_e * b_e, axis=1)
     b_sum_exp = b_sum_exp * b_alpha + tl.sum(b_e, axis=1)
     return b_max_new, b_sum_exp, b_target_logit, b_centered_sum, b_logit_sum, b_sq_sum_exp, b_max_before
@@ -140,13 +144,14 @@ def empty_fold(BLOCK_N: tl.constexpr):
 
 @triton.jit
 def store_partials(partials_ptr, stride_kind, o_out, m_n, b_max, b_sum_exp, b_target_logit, b_centered_sum,
-                   b_logit_sum, b_sq_sum_exp, b_max_before, RETURN_STATS: tl.constexpr):
+                   b_logit_sum, b_sq_sum_exp, b_max_before, STATS: tl.constexpr):
     """Write the rows' partials at offsets ``o_out`` of each kind's row of ``partials_ptr`` (``halo_ops.partials``
-    order, ``stride_kind`` apart)."""
+    order, ``stride_kind`` apart): 3 kinds, or all 7 with any statistic (``STATS`` ≠ 0; a kind not folded keeps
+    ``empty_fold``'s value)."""
     tl.store(partials_ptr + o_out, b_max, mask=m_n)
     tl.store(partials_ptr + stride_kind + o_out, b_sum_exp, mask=m_n)
     tl.store(partials_ptr + 2 * stride_kind + o_out, b_target_logit, mask=m_n)
-    if RETURN_STATS:
+    if STATS:
         tl.store(partials_ptr + 3 * stride_kind + o_out, b_centered_sum, mask=m_n)
         tl.store(partials_ptr + 4 * stride_kind + o_out, b_logit_sum, mask=m_n)
         tl.store(partials_ptr + 5 * stride_kind + o_out, b_sq_sum_exp, mask=m_n)

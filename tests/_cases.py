@@ -133,10 +133,11 @@ def token_options(*, impl="triton", ignore_index=-100, logit_scale=1.0, softcap=
     """The TokenOptions the public functions would build from these keywords (for calling launchers directly);
     the schedule defaults to ``atomic`` (``owner`` with ``deterministic``)."""
     from halo_ops.options import TokenOptions
+    from halo_ops.partials import requested_statistics
     from halo_ops.transform import LogitTransform
 
     return TokenOptions(impl=impl, transform=LogitTransform(logit_scale, softcap, temperature),
-                        ignore_index=ignore_index, return_stats=return_stats,
+                        ignore_index=ignore_index, stats=requested_statistics(return_stats),
                         schedule=schedule or ("owner" if deterministic else "atomic"),
                         grad_filter_eps=grad_filter_eps)
 

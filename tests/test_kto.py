@@ -490,3 +490,54 @@ def test_token_metrics_can_be_skipped(impl):
     torch.testing.assert_close(lean.metrics["rewards/margins"], full.metrics["rewards/margins"])
     for a, b in zip(lean_grads, full_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_triton_eager_memory_stays_within_its_bound(monkeypatch):
+    """With the memory bound the only limit, the chunk gets what the kept gradients leave of it (two sequences
+    here), the slabs and the kept gradients fit ``eager_memory_bound``, and dH is kept in the hidden's dtype."""
+    from halo_ops import eager
+
+    batch, seq, dim, vocab, dtype = 6, 9, 8, 301, torch.bfloat16
+    n_tokens, needs = batch * seq, (True, True, True)
+    hidden, weight, bias, targets, labels, ref_logps = _fused_inputs(batch, seq, dim, vocab, dtype, bias=True)
+    kept = eager.eager_kept_bytes(n_tokens, dim, vocab, dtype, needs)
+    row = eager.eager_row_bytes("triton", vocab, dtype)
+    for name in ("EAGER_BYTES", "EAGER_BYTES_CUDA"):
+        monkeypatch.setattr(eager, name, 1 << 30)
+    gradients = (vocab + n_tokens) * dim * 4  # what the bound counts besides the workspace
+    monkeypatch.setattr(eager, "EAGER_WORKSPACE", kept + 3 * seq * row - 1 - gradients)  # room for 2 sequences, not 3
+    bound = eager.eager_memory_bound(n_tokens, dim, vocab, dtype)
+    sizes = []
+    for name in ("empty", "zeros", "full"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, **k: (lambda t: sizes.append(
+            (t.numel() * t.element_size(), t.dtype, tuple(t.shape))) or t)(_real(*a, **k)))
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = fused_linear_kto_loss(leaves[0], leaves[1], targets, labels, ref_logps, bias=leaves[2], impl="triton")
+    out.loss.backward()
+    slabs = [size for size, _, shape in sizes if shape in ((2 * seq, vocab),)]
+    assert sorted(slabs) == [2 * seq * vocab * 2, 2 * seq * vocab * 4]  # fp32 logits and bf16 dL/dy
+    assert (n_tokens * dim * 2, dtype, (n_tokens, dim)) in sizes  # dH, kept in bf16
+    assert (vocab * dim * 4, torch.float32, (vocab, dim)) in sizes  # dW, accumulated in fp32
+    assert sum(slabs) + kept <= bound
+
+
+def test_eager_memory_at_the_target_shape():
+    """N=16384, D=4096, V=128256, bf16, on a GPU: the bound is what TRL's head holds in its backward (fp32 dH and dW
+    and a 256 MiB logits buffer, 2.46 GiB); beside the kept fp32 dW and bf16 dH it leaves room for one sequence of
+    512 tokens per chunk, none of 1024 (those recompute)."""
+    from types import SimpleNamespace
+
+    from halo_ops import eager
+
+    n_tokens, dim, vocab, dtype = 16384, 4096, 128256, torch.bfloat16
+    hidden = SimpleNamespace(shape=(n_tokens, dim), dtype=dtype, device=torch.device("cuda"))
+    weight = SimpleNamespace(shape=(vocab, dim))
+    needs = (True, True, False)
+    trl_head = 4 * n_tokens * dim + 4 * vocab * dim + 4096 * 32768 * 2  # trl/kernels/chunked_logprob.py, 1.16
+    bound = eager.eager_memory_bound(n_tokens, dim, vocab, dtype)
+    assert bound == trl_head and round(bound / 2**30, 2) == 2.46
+    assert eager.eager_sequences_per_chunk(512, hidden, weight, "triton", needs) == 1
+    assert eager.eager_sequences_per_chunk(1024, hidden, weight, "triton", needs) == 0
+    slabs = 512 * eager.eager_row_bytes("triton", vocab, dtype)
+    assert eager.eager_kept_bytes(n_tokens, dim, vocab, dtype, needs) + slabs <= bound

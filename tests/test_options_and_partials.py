@@ -17,11 +17,12 @@ finite = st.floats(-1e6, 1e6, allow_nan=False).filter(lambda x: x != 0)
 
 
 @given(impl=st.sampled_from(["torch", "triton"]), scale=finite, softcap=st.none() | st.floats(1e-3, 1e3),
-       temperature=st.floats(1e-3, 1e3), ignore_index=st.integers(-(2**40), 2**40), stats=st.booleans(),
-       deterministic=st.booleans(), eps=st.floats(0, 1))
+       temperature=st.floats(1e-3, 1e3), ignore_index=st.integers(-(2**40), 2**40),
+       stats=st.lists(st.sampled_from(P.STATISTICS), unique=True).map(P.requested_statistics),
+       schedule=st.sampled_from(["atomic", "owner", "slab", "gemm", "chunked"]), eps=st.floats(0, 1))
 def test_token_options_survive_the_custom_op_string(impl, scale, softcap, temperature, ignore_index, stats,
-                                                    deterministic, eps):
-    options = TokenOptions(impl, LogitTransform(scale, softcap, temperature), ignore_index, stats, deterministic, eps)
+                                                    schedule, eps):
+    options = TokenOptions(impl, LogitTransform(scale, softcap, temperature), ignore_index, stats, schedule, eps)
     assert opts.decode(opts.encode(options)) == options
 
 
@@ -42,7 +43,7 @@ def test_merging_pieces_of_the_vocabulary_is_exact(cuts, stats, seed):
     valid = targets != -100
     bounds = sorted({0, vocab, *cuts})
     pieces = list(zip(bounds[:-1], bounds[1:]))
-    partials = P.empty_partials(len(pieces), n, stats, torch.float64, "cpu")
+    partials = P.empty_partials(len(pieces), n, P.STATISTICS if stats else (), torch.float64, "cpu")
     for k, (v0, v1) in enumerate(pieces):
         piece = z[:, v0:v1]
         m = piece.amax(1)
@@ -89,3 +90,130 @@ def test_is_top1_takes_the_first_argmax_on_ties(impl, monkeypatch):
     targets = torch.tensor([7, 250, 5])
     out = linear_logprobs(hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE), impl=impl, return_stats=True)
     assert out.is_top1.tolist() == [True, False, False]
+
+
+# --- statistics on demand -------------------------------------------------------------------------------------------
+
+# The partial kind each statistic needs (halo_ops.partials), and its value where nothing was folded into it
+NEEDED_KIND = {"entropy": P.CENTERED_SUM, "mean_logit": P.LOGIT_SUM, "log_sum_sq_probs": P.SQ_SUM_EXP,
+               "is_top1": P.MAX_BEFORE_TARGET}
+EMPTY_VALUE = {P.CENTERED_SUM: 0.0, P.LOGIT_SUM: 0.0, P.SQ_SUM_EXP: 0.0, P.MAX_BEFORE_TARGET: float("-inf")}
+
+
+def _spy_on_partials(monkeypatch):
+    """Record every partials tensor merged (``combine_pieces`` is where every path's partials meet), a copy each."""
+    seen, real = [], P.combine_pieces
+
+    def spy(partials):
+        seen.append(partials.detach().clone())
+        return real(partials)
+
+    monkeypatch.setattr(P, "combine_pieces", spy)
+    return seen
+
+
+def _assert_only_folded(partials, stats):
+    """Every kind no statistic in ``stats`` needs holds its empty value in every piece and row; needed ones don't."""
+    if not stats:
+        assert partials.shape[0] == 3
+        return
+    for name, kind in NEEDED_KIND.items():
+        untouched = bool((partials[kind] == EMPTY_VALUE[kind]).all())
+        assert untouched == (name not in stats), f"{name}'s partial {'not ' if untouched else ''}computed"
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["linear", "softcap"])
+@pytest.mark.parametrize("stats", [*((name,) for name in P.STATISTICS), ("entropy", "mean_logit"), ()],
+                         ids=lambda s: "+".join(s) or "none")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_only_the_statistics_asked_for_are_computed(impl, stats, softcap, monkeypatch):
+    """``return_stats=names``: those statistics, right (against float64), the others None and never computed: their
+    partials stay empty (0, or −inf) through the kernel and the merge. Without softcap the mean logit's partial
+    comes from the closed form, so the kernels fold nothing for it (their ``STATS`` mask says so)."""
+    from halo_ops import chunked, linear_logprobs
+    from halo_ops.reference import linear_logprobs_reference
+
+    masks = []
+    real_fold = chunked._fold_tile
+    monkeypatch.setattr(chunked, "_fold_tile", lambda *a, **k: masks.append(a[3]) or real_fold(*a, **k))
+    if impl == "triton":  # the fused forward kernel and the GEMM schedule's fold: whichever the schedule runs
+        from halo_ops.kernels import gemm_schedule, linear_logprobs_fwd
+
+        class Spy:
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                return lambda *a, **k: masks.append(k["STATS"]) or self.kernel[grid](*a, **k)
+
+        for module, name in ((linear_logprobs_fwd, "linear_logprobs_fwd_kernel"),
+                             (gemm_schedule, "logits_fold_kernel")):
+            monkeypatch.setattr(module, name, Spy(getattr(module, name)))
+    seen = _spy_on_partials(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(13, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    bias = torch.randn(50, generator=gen)
+    targets = torch.randint(0, 50, (13,), generator=gen)
+    targets[4] = -100
+    out = linear_logprobs(hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE), bias.to(DEVICE), impl=impl,
+                          softcap=softcap, return_stats=stats)
+    assert masks and set(masks) == {P.kernel_stats_mask(stats, softcap is not None)}
+    if not stats:
+        assert isinstance(out, torch.Tensor)
+        _assert_only_folded(seen[0], stats)
+        return
+    exact = linear_logprobs_reference(hidden.double(), weight.double(), targets, bias.double(), softcap=softcap)
+    for name in P.STATISTICS:
+        value = getattr(out, name)
+        if name not in stats:
+            assert value is None, name
+        elif name == "is_top1":
+            assert torch.equal(value.cpu(), exact.is_top1)
+        else:
+            torch.testing.assert_close(value.double().cpu(), getattr(exact, name), atol=2e-5, rtol=1e-5)
+    _assert_only_folded(seen[0], stats)
+
+
+def test_kernel_stats_mask():
+    assert P.kernel_stats_mask((), True) == 0
+    assert P.kernel_stats_mask(("mean_logit",), False) == 1  # 7 kinds stored, the closed form gives Σ z
+    assert P.kernel_stats_mask(("mean_logit",), True) == 1 | 4
+    assert P.kernel_stats_mask(P.STATISTICS, False) == 1 | 2 | 8 | 16
+
+
+@pytest.mark.parametrize("value, expected", [(True, P.STATISTICS), (False, ()), (None, ()), ("is_top1", ("is_top1",)),
+                                             (["mean_logit", "entropy"], ("entropy", "mean_logit"))])
+def test_return_stats_values(value, expected):
+    assert P.requested_statistics(value) == expected
+
+
+def test_an_unknown_statistic_is_named():
+    from halo_ops import linear_logprobs
+
+    with pytest.raises(ValueError, match="unknown statistic 'mean_logits'; choose among entropy, mean_logit"):
+        linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]), return_stats=["mean_logits"])
+
+
+@pytest.mark.parametrize("recompute", [True, None], ids=["recompute", "eager"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_losses_compute_only_the_statistics_they_log(impl, recompute, monkeypatch):
+    """The fused KTO op folds the entropy alone (the mean logit from its closed form) and still logs TRL's metrics;
+    the fused preference op folds no statistic."""
+    from halo_ops import fused_linear_kto_loss, fused_linear_preference_loss
+
+    seen = _spy_on_partials(monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(4, 6, 8, generator=gen, device=DEVICE, requires_grad=True)
+    weight = torch.randn(40, 8, generator=gen, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, 40, (4, 6), generator=gen, device=DEVICE)
+    ref = torch.zeros(4, device=DEVICE)
+    out = fused_linear_kto_loss(hidden, weight, targets, [1, 0, 1, 0], ref, impl=impl, recompute=recompute)
+    out.loss.backward()
+    assert seen and {"entropy", "logits/chosen", "logits/rejected"} <= set(out.metrics)
+    for partials in seen:
+        _assert_only_folded(partials, ("entropy", "mean_logit"))
+        assert bool((partials[P.LOGIT_SUM, 1:] == 0).all())  # the closed form, in the first piece only
+    seen.clear()
+    fused_linear_preference_loss(hidden, weight, targets, method="dpo", ref_chosen_logps=ref[:2],
+                                 ref_rejected_logps=ref[2:], impl=impl, recompute=recompute).loss.backward()
+    assert seen and all(partials.shape[0] == 3 for partials in seen)
