@@ -5,7 +5,8 @@ threefold here). Timing each variant once per round, in turn, exposes every vari
 their ratios hold even when the absolute times move. The order rotates from round to round: a fixed order
 made one variant 1.24× slower than another that it measured 1.03× of when it ran first. Variants: the frozen head (Jacobian and recompute)
 against a trainable head, the fused KTO op (recompute and eager) against the composed public pieces, the fused
-DPO loss (eager and recompute), and the chunked log-probs against plain PyTorch.
+DPO loss (eager and recompute) against its composed pieces, the chunked log-probs against plain PyTorch, and
+the forward's cost of each per-token statistic.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ def _kto_variants(shape: KTOShape):
 
 
 def _dpo_variants(shape: KTOShape):
-    """The fused DPO loss on the batch's sequences as pairs (first half chosen): eager against recompute."""
+    """The fused DPO loss on the batch's sequences as pairs (first half chosen), eager and recompute, against the
+    composed public pieces: ``linear_logprobs(reduction="sum")`` then ``losses.preference.dpo_losses``."""
+    from halo_ops.losses.preference import dpo_losses
+
     x = shape.inputs("cpu")
     pairs = x["hidden"].shape[0] // 2
     with torch.no_grad():
@@ -69,7 +73,14 @@ def _dpo_variants(shape: KTOShape):
                                      ref_rejected_logps=ref[pairs:], impl="torch", recompute=recompute,
                                      check_targets=False).loss.backward()
 
-    return {"dpo (recompute)": lambda: run(True), "dpo (eager)": lambda: run(None)}
+    def composed():
+        h, w = x["hidden"].detach().clone().requires_grad_(), x["weight"].detach().clone().requires_grad_()
+        policy = linear_logprobs(h, w, x["targets"], reduction="sum", impl="torch", check_targets=False)
+        losses = dpo_losses(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:])[0]
+        (losses.sum() / pairs).backward()
+
+    return {"composed (linear_logprobs + dpo_losses)": composed, "dpo (recompute)": lambda: run(True),
+            "dpo (eager)": lambda: run(None)}
 
 
 def _logprob_variants(shape: KTOShape):
@@ -89,6 +100,24 @@ def _logprob_variants(shape: KTOShape):
             "halo-ops[torch]": lambda: run(lambda h, w, t: linear_logprobs(h, w, t, impl="torch", check_targets=False))}
 
 
+def _stats_variants(shape: KTOShape):
+    """The per-token log-probs' forward (``torch.no_grad``, PyTorch path) with no statistic, each one alone, and all
+    four: what each statistic costs."""
+    from halo_ops.partials import STATISTICS
+
+    x = shape.inputs("cpu")
+    hidden, weight, targets = x["hidden"].detach(), x["weight"].detach(), x["targets"]
+
+    def run(stats):
+        with torch.no_grad():
+            linear_logprobs(hidden, weight, targets, impl="torch", return_stats=stats, check_targets=False)
+
+    variants = {"log-probs only": lambda: run(())}
+    variants.update({f"+ {name}": (lambda name=name: run((name,))) for name in STATISTICS})
+    variants["+ all four (return_stats=True)"] = lambda: run(True)
+    return variants
+
+
 def interleaved(variants: dict, rounds: int) -> dict[str, list[float]]:
     for fn in variants.values():  # warm-up
         fn()
@@ -106,7 +135,7 @@ def interleaved(variants: dict, rounds: int) -> dict[str, list[float]]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.interleaved", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("frozen-head", "kto-loss", "dpo-loss", "logprobs"))
+    parser.add_argument("which", choices=("frozen-head", "kto-loss", "dpo-loss", "logprobs", "stats"))
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -117,7 +146,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     shape = KTOShape(args.tokens // args.seq, args.seq, args.hidden, args.vocab, torch.float32)
     variants = {"frozen-head": _token_variants, "kto-loss": _kto_variants, "dpo-loss": _dpo_variants,
-                "logprobs": _logprob_variants}[args.which](shape)
+                "logprobs": _logprob_variants, "stats": _stats_variants}[args.which](shape)
     competitor = None
     if args.compete:
         import subprocess

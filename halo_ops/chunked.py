@@ -53,6 +53,17 @@ def _project(h_c: torch.Tensor, w_c: torch.Tensor, b_c: torch.Tensor | None, tra
     return transform.apply_(z), w_c
 
 
+def _max_before_target(z, local_targets, in_tile, tile_max):
+    """Each row's max over the tile's columns before its target's: the tile's max when the target lies past the
+    tile, −inf when before it, else a masked max over the row, read only for those rows on CPU (the others' targets
+    lie in other tiles; elsewhere every row is read, to avoid a host sync)."""
+    outside = torch.where(local_targets >= z.shape[1], tile_max, float("-inf"))
+    rows = in_tile.nonzero().squeeze(1) if z.device.type == "cpu" else torch.arange(z.shape[0], device=z.device)
+    columns = torch.arange(z.shape[1], device=z.device)
+    inside = z[rows].masked_fill_(columns >= local_targets[rows].unsqueeze(1), float("-inf")).amax(1)
+    return outside.index_put_((rows,), torch.where(in_tile[rows], inside, outside[rows]))
+
+
 def _fold_tile(z, local_targets, piece, stats_mask: int, *, keep_centered: bool = False, exp_out=None):
     """Fold a tile of transformed logits z [n, v] into its rows' partials ``piece`` [3 or 7, n] (``halo_ops.partials``;
     ``local_targets`` relative to the tile's first column): max, Σ exp, target logit and the kinds ``stats_mask``
@@ -67,9 +78,8 @@ def _fold_tile(z, local_targets, piece, stats_mask: int, *, keep_centered: bool 
         piece[P.LOGIT_SUM] = z.sum(1)
     m = z.amax(1)
     piece[P.MAX] = m
-    if stats_mask & 16:  # the max over the columns before the target's (the whole tile's when the target is past it)
-        before = torch.arange(width, device=z.device) < local_targets.unsqueeze(1)
-        piece[P.MAX_BEFORE_TARGET] = z.masked_fill(~before, float("-inf")).amax(1)
+    if stats_mask & 16:
+        piece[P.MAX_BEFORE_TARGET] = _max_before_target(z, local_targets, in_tile, m)
     centered = z.sub_(m.unsqueeze(1))
     if exp_out is not None:
         e = torch.exp(centered, out=exp_out)
