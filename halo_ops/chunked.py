@@ -20,7 +20,7 @@ import torch
 
 from . import partials as P
 from .options import TokenOptions, accumulation_dtype
-from .partials import TokenStats, merge_partials
+from .partials import merge_partials
 from .transform import LogitTransform
 
 # Logits per tile: a tile and its temporaries are a few times 4 · TILE_ELEMENTS bytes (16 MiB tiles, within a
@@ -253,10 +253,7 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
     keep_exp = transform.softcap is None  # with softcap dz/dy needs z, so the buffer keeps z − m instead of e
     new = {"dtype": acc, "device": hidden.device}
     logps, lse = torch.zeros(n_tokens, **new), torch.full((n_tokens,), float("inf"), **new)
-    token_stats = None
-    if stats:
-        token_stats = TokenStats(*(None if name not in stats else torch.zeros(
-            n_tokens, dtype=torch.bool if name == "is_top1" else acc, device=hidden.device) for name in P.STATISTICS))
+    token_stats = P.zero_stats(stats, n_tokens, acc, hidden.device) if stats else None
     grad_h = torch.zeros((n_tokens, dim), dtype=hidden.dtype, device=hidden.device) if needs[0] else None
     grad_w = torch.zeros((vocab, dim), **new) if needs[1] else None
     grad_b = torch.zeros(vocab, **new) if needs[2] and bias is not None else None

@@ -24,11 +24,10 @@ from __future__ import annotations
 import torch
 
 from .options import TokenOptions, accumulation_dtype
-from .partials import STATISTICS, TokenStats, add_linear_logit_sums, merge_partials
+from .partials import add_linear_logit_sums, merge_partials, zero_stats
 
-# Bytes of one chunk's kept logits (on the Triton path with half-precision dL/dy beside them): 256 MiB on CPU
-# (bench/NOTES.md items 20 and 23). On a GPU 1 GiB holds two
-# sequences of 512 tokens at V = 128256 in bf16 (rows · V · 6 bytes), beside the fp32 dH and dW kept anyway.
+# The most bytes one chunk's kept logits take (on the Triton path with half-precision dL/dy beside them): 256 MiB
+# on CPU (bench/NOTES.md items 20 and 23), 1 GiB on a GPU; within that, eager_memory_bound decides (item 33).
 EAGER_BYTES = 1 << 28
 EAGER_BYTES_CUDA = 1 << 30
 # Bytes the schedule may hold beyond the gradients of both head inputs (in the accumulation dtype)
@@ -100,11 +99,7 @@ def _triton_eager(hidden, weight, bias, targets, options: TokenOptions, seq, per
     valid = targets != options.ignore_index
     f32 = {"dtype": torch.float32, "device": hidden.device}
     logps, lse = torch.empty(n_tokens, **f32), torch.empty(n_tokens, **f32)
-    stats = None
-    if options.stats:
-        stats = TokenStats(*(None if name not in options.stats else torch.empty(
-            n_tokens, dtype=torch.bool if name == "is_top1" else torch.float32, device=hidden.device)
-            for name in STATISTICS))
+    stats = zero_stats(options.stats, n_tokens, torch.float32, hidden.device) if options.stats else None
 
     def chunk_coefficients(r0, r1, partials):
         add_linear_logit_sums(partials, hidden[r0:r1], weight, bias, options)

@@ -47,6 +47,17 @@ class TokenStats(NamedTuple):
     is_top1: torch.Tensor | None  # bool: the target is the argmax (the first one, on ties)
 
 
+def stat_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of statistic ``name`` for log-probs in ``dtype``: bool for is_top1, else ``dtype``."""
+    return torch.bool if name == "is_top1" else dtype
+
+
+def zero_stats(stats: tuple[str, ...], n_tokens: int, dtype, device) -> TokenStats:
+    """``TokenStats`` of zeros [n_tokens] (False for is_top1) for the statistics in ``stats``, None for the others."""
+    return TokenStats(*(torch.zeros(n_tokens, dtype=stat_dtype(name, dtype), device=device) if name in stats
+                        else None for name in STATISTICS))
+
+
 def requested_statistics(return_stats) -> tuple[str, ...]:
     """A public call's ``return_stats`` as the statistics to compute, in ``STATISTICS`` order: ``True`` → all of
     them, ``False`` / ``None`` → none, an iterable of names → those."""

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import options as opts
 from .options import TokenOptions, accumulation_dtype
-from .partials import STATISTICS, TokenStats, add_linear_logit_sums, merge_partials
+from .partials import STATISTICS, TokenStats, add_linear_logit_sums, merge_partials, stat_dtype, zero_stats
 from .zero3 import gathered
 
 # A bf16/fp16 weight's gradient is built in vocabulary slices of at most this many bytes of fp32, each cast
@@ -65,10 +65,7 @@ def forward_tokens(options: TokenOptions, hidden, weight, bias, targets):
     if hidden.shape[0] == 0:
         jacobian = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if options.save_jacobian else None
         empty = hidden.new_zeros(0, dtype=acc)
-        stats = None
-        if options.stats:
-            stats = TokenStats(*(None if name not in options.stats else hidden.new_zeros(
-                0, dtype=torch.bool if name == "is_top1" else acc) for name in STATISTICS))
+        stats = zero_stats(options.stats, 0, acc, hidden.device) if options.stats else None
         return empty, empty.clone(), stats, jacobian
     partials, jacobian = token_partials(options, hidden, weight, bias, targets)
     return (*merge_partials(partials, targets != options.ignore_index, weight.shape[0], options.stats), jacobian)
@@ -126,7 +123,7 @@ def _token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     not in ``stats`` is empty [0], the Jacobian without save_jacobian."""
     logps, lse, stats, jacobian = forward_tokens(opts.decode(options), hidden, weight, bias, targets)
     stats = stats or (None,) * len(STATISTICS)
-    stats = (logps.new_empty(0, dtype=torch.bool if name == "is_top1" else logps.dtype) if stat is None else stat
+    stats = (logps.new_empty(0, dtype=stat_dtype(name, logps.dtype)) if stat is None else stat
              for name, stat in zip(STATISTICS, stats))
     return logps, lse, *stats, logps.new_empty(0) if jacobian is None else jacobian
 
@@ -134,8 +131,7 @@ def _token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
 @_token_logprobs.register_fake
 def _(hidden, weight, bias, targets, options):
     n, dtype, decoded = hidden.shape[0], accumulation_dtype(hidden.dtype), opts.decode(options)
-    stats = (hidden.new_empty(n if name in decoded.stats else 0, dtype=torch.bool if name == "is_top1" else dtype)
-             for name in STATISTICS)
+    stats = (hidden.new_empty(n if name in decoded.stats else 0, dtype=stat_dtype(name, dtype)) for name in STATISTICS)
     return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype), *stats,
             hidden.new_empty(hidden.shape if decoded.save_jacobian else 0, dtype=dtype))
 

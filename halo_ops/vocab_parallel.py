@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from .options import TokenOptions, accumulation_dtype
-from .partials import STATISTICS, TokenStats, combine_pieces, merge_partials
+from .partials import STATISTICS, TokenStats, combine_pieces, merge_partials, zero_stats
 from .token_op import backward_accumulators, token_partials
 
 
@@ -124,7 +124,7 @@ class _VocabParallelTokens(torch.autograd.Function):
         local = local_targets(targets, vocab_parallel, options.ignore_index)
         acc = accumulation_dtype(hidden.dtype)
         if hidden.shape[0] == 0:  # every rank has the same N: no rank waits in a collective
-            stats = tuple(hidden.new_zeros(0, dtype=torch.bool if name == "is_top1" else acc) for name in options.stats)
+            stats = tuple(stat for stat in zero_stats(options.stats, 0, acc, hidden.device) if stat is not None)
             logps, lse = hidden.new_zeros(0, dtype=acc), hidden.new_zeros(0, dtype=acc)
         else:
             partials, _ = token_partials(options, hidden, weight, bias, local)
