@@ -261,6 +261,7 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
     vocab_chunk = _vocab_chunk(vocab)
     tiles = [(v0, min(v0 + vocab_chunk, vocab)) for v0 in range(0, vocab, vocab_chunk)]
     store = torch.empty(min(per_chunk * seq, n_tokens) * vocab, **new)
+    logit_sums = P.linear_logit_sums(weight, bias, options, acc)
     # the entropy's centered sum needs z − m beside e: the GEMM goes to a cache-sized scratch tile, e to the store
     scratch = None
     if keep_exp and options.kernel_stats & 2:
@@ -287,7 +288,7 @@ def chunked_eager(hidden, weight, bias, targets, options: TokenOptions, seq: int
                 torch.mm(h_c[t0:t1], w[v0:v1].t(), out=z)
             _fold_tile(transform.apply_(z), t_c[t0:t1] - v0, partials[:, k, t0:t1], options.kernel_stats,
                        keep_centered=not keep_exp, exp_out=None if scratch is None else kept)
-        P.add_linear_logit_sums(partials, h_c, weight, bias, options)
+        P.add_linear_logit_sums(partials, h_c, logit_sums)
         valid = t_c != options.ignore_index
         logps_c, lse_c, stats_c = merge_partials(partials, valid, vocab, stats)
         chunk_logps = torch.zeros(r1 - r0, **new).index_copy_(0, local, logps_c)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .options import TokenOptions, accumulation_dtype
-from .partials import add_linear_logit_sums, merge_partials, zero_stats
+from .partials import add_linear_logit_sums, linear_logit_sums, merge_partials, zero_stats
 
 # The most bytes one chunk's kept logits take (on the Triton path with half-precision dL/dy beside them): 256 MiB
 # on CPU (bench/NOTES.md items 20 and 23), 1 GiB on a GPU; within that, eager_memory_bound decides (item 33).
@@ -100,9 +100,10 @@ def _triton_eager(hidden, weight, bias, targets, options: TokenOptions, seq, per
     f32 = {"dtype": torch.float32, "device": hidden.device}
     logps, lse = torch.empty(n_tokens, **f32), torch.empty(n_tokens, **f32)
     stats = zero_stats(options.stats, n_tokens, torch.float32, hidden.device) if options.stats else None
+    logit_sums = linear_logit_sums(weight, bias, options, torch.float32)
 
     def chunk_coefficients(r0, r1, partials):
-        add_linear_logit_sums(partials, hidden[r0:r1], weight, bias, options)
+        add_linear_logit_sums(partials, hidden[r0:r1], logit_sums)
         logps_c, lse_c, stats_c = merge_partials(partials, valid[r0:r1], vocab, options.stats)
         logps[r0:r1], lse[r0:r1] = logps_c, lse_c
         if stats is not None:

@@ -95,21 +95,27 @@ def empty_partials(pieces: int, n_tokens: int, stats: tuple[str, ...], dtype, de
     return partials
 
 
-def add_linear_logit_sums(partials, hidden, weight, bias, options, rows: int = 4096) -> None:
-    """Without softcap, Σ_v z_v = scale · (h · Σ_v W_v + Σ_v b_v) for every row of ``hidden`` [n, D] into the first
-    piece of ``partials [7, K, n]``' Σ z kind (the others 0), in the partials' dtype, ``rows`` rows of hidden
-    converted at a time. Nothing unless ``options`` (a ``TokenOptions``) asks for the mean logit without softcap."""
+def linear_logit_sums(weight, bias, options, dtype):
+    """The closed form of Σ_v z_v without softcap, h ↦ h · a + c with a = scale · Σ_v W_v [D] and c = scale · Σ_v b_v
+    (0 without bias), as (a, c) in ``dtype``; None unless ``options`` (a ``TokenOptions``) asks for the mean logit
+    without softcap. Computed once per call: it reads the whole weight."""
     transform = options.transform
     if "mean_logit" not in options.stats or transform.softcap is not None:
-        return
-    acc = partials.dtype
+        return None
     scale = transform.logit_scale / transform.temperature
-    weight_sum = weight.sum(0, dtype=acc) * scale
+    return weight.sum(0, dtype=dtype) * scale, 0.0 if bias is None else bias.sum(dtype=dtype) * scale  # no sync
+
+
+def add_linear_logit_sums(partials, hidden, sums, rows: int = 4096) -> None:
+    """Σ_v z_v from ``sums`` (``linear_logit_sums``; nothing when None) for every row of ``hidden`` [n, D], into the
+    first piece of ``partials [7, K, n]``' Σ z kind (the others 0), ``rows`` rows of hidden converted at a time."""
+    if sums is None:
+        return
+    weight_sum, bias_sum = sums
     partials[LOGIT_SUM] = 0.0
     for r0 in range(0, hidden.shape[0], rows):
-        torch.mv(hidden[r0 : r0 + rows].to(acc), weight_sum, out=partials[LOGIT_SUM, 0, r0 : r0 + rows])
-    if bias is not None:
-        partials[LOGIT_SUM, 0] += bias.sum(dtype=acc) * scale  # a tensor: no host sync
+        torch.mv(hidden[r0 : r0 + rows].to(partials.dtype), weight_sum, out=partials[LOGIT_SUM, 0, r0 : r0 + rows])
+    partials[LOGIT_SUM, 0] += bias_sum
 
 
 def combine_pieces(partials: torch.Tensor) -> torch.Tensor:

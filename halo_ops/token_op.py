@@ -18,7 +18,8 @@ from torch import Tensor
 
 from . import options as opts
 from .options import TokenOptions, accumulation_dtype
-from .partials import STATISTICS, TokenStats, add_linear_logit_sums, merge_partials, stat_dtype, zero_stats
+from .partials import (STATISTICS, TokenStats, add_linear_logit_sums, linear_logit_sums, merge_partials, stat_dtype,
+                       zero_stats)
 from .zero3 import gathered
 
 # A bf16/fp16 weight's gradient is built in vocabulary slices of at most this many bytes of fp32, each cast
@@ -53,7 +54,7 @@ def token_partials(options: TokenOptions, hidden, weight, bias, targets):
 
             partials = linear_logprobs_forward(hidden, weight, bias, targets, options)
         partials = partials.to(accumulation_dtype(hidden.dtype))
-        add_linear_logit_sums(partials, hidden, weight, bias, options)
+        add_linear_logit_sums(partials, hidden, linear_logit_sums(weight, bias, options, partials.dtype))
     return partials, jacobian
 
 
