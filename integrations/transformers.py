@@ -120,7 +120,8 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         cast_lm_head_to_fp32: run the head's projection in float32, outside autocast.
         outputs: per-token fields to compute, among ``"log_probs"``, ``"entropy"``, ``"log_sum_sq_probs"``
             (log Σ_v p_v²), ``"mean_logits"`` and ``"is_top1"`` (the label is the argmax), all from the same
-            pass over the vocabulary; ``log_probs`` (and ``loss``) always are. ``entropy`` is differentiable,
+            pass over the vocabulary; ``log_probs`` (and ``loss``) always are, and no statistic not named is
+            (``linear_logprobs``' ``return_stats``; the others come back None). ``entropy`` is differentiable,
             as TRL's is (GRPO's entropy bonus backpropagates through it); the other statistics carry no
             gradient.
         impl: beyond TRL's arguments, the backend, as :func:`halo_ops.linear_logprobs` takes it.
