@@ -272,7 +272,8 @@ def fused_linear_kto_loss(
     hidden2d, weight, bias, flat_targets, token_options, sharding = prepare_linear_inputs(
         hidden, weight, targets, bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, impl=impl, return_stats=KTO_STATISTICS if token_metrics else (),
-        check_targets=check_targets, check_finite=check_finite, deterministic=deterministic, grad_filter_eps=grad_filter_eps,
+        check_targets=check_targets, check_finite=check_finite, deterministic=deterministic,
+        grad_filter_eps=grad_filter_eps,
         schedule=schedule, vocab_parallel=vocab_parallel)
     labels = as_bool_labels(labels, batch, hidden.device)
     check_sequence_tensor("ref_logps", ref_logps, batch, hidden.device)

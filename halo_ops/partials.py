@@ -95,15 +95,19 @@ def empty_partials(pieces: int, n_tokens: int, stats: tuple[str, ...], dtype, de
     return partials
 
 
+def logit_sum_coefficients(weight, bias, scale: float, dtype):
+    """(a, c) with Σ_v z_v = h · a + c for z = scale · (h · Wᵀ + b): a = scale · Σ_v W_v [D] and c = scale · Σ_v b_v
+    (0 without bias), in ``dtype``. It reads the whole weight: compute it once per call."""
+    return weight.sum(0, dtype=dtype) * scale, 0.0 if bias is None else bias.sum(dtype=dtype) * scale  # no sync
+
+
 def linear_logit_sums(weight, bias, options, dtype):
-    """The closed form of Σ_v z_v without softcap, h ↦ h · a + c with a = scale · Σ_v W_v [D] and c = scale · Σ_v b_v
-    (0 without bias), as (a, c) in ``dtype``; None unless ``options`` (a ``TokenOptions``) asks for the mean logit
-    without softcap. Computed once per call: it reads the whole weight."""
+    """``logit_sum_coefficients`` of ``options``' transform (a ``TokenOptions``) where it asks for the mean logit
+    without softcap, when z is linear in the projection; else None."""
     transform = options.transform
     if "mean_logit" not in options.stats or transform.softcap is not None:
         return None
-    scale = transform.logit_scale / transform.temperature
-    return weight.sum(0, dtype=dtype) * scale, 0.0 if bias is None else bias.sum(dtype=dtype) * scale  # no sync
+    return logit_sum_coefficients(weight, bias, transform.logit_scale / transform.temperature, dtype)
 
 
 def add_linear_logit_sums(partials, hidden, sums, rows: int = 4096) -> None:

@@ -46,17 +46,18 @@ from torch import nn
 
 from .. import fused_linear_kto_loss, fused_linear_preference_loss, linear_logprobs
 from ..losses.preference import check_dpo_options
+from ..partials import logit_sum_coefficients
 
 
 def _logits_sums(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
     """Σ over chosen (rejected) sequences, positions and vocabulary of h · Wᵀ + b, without the logits.
 
-    Σ_v (h_t · W_v + b_v) = h_t · (Σ_v W_v) + Σ_v b_v, so the sums cost O(B·T·D + V·D).
+    Σ_v (h_t · W_v + b_v) = h_t · (Σ_v W_v) + Σ_v b_v (``partials.logit_sum_coefficients``), so the sums cost
+    O(B·T·D + V·D).
     """
     with torch.no_grad():
-        per_sequence = hidden.float().sum(1) @ weight.float().sum(0)  # [B]
-        if bias is not None:
-            per_sequence = per_sequence + hidden.shape[1] * bias.float().sum()
+        weight_sum, bias_sum = logit_sum_coefficients(weight, bias, 1.0, torch.float32)
+        per_sequence = hidden.float().sum(1) @ weight_sum + hidden.shape[1] * bias_sum  # [B]
         chosen = labels.float()
         return (per_sequence * chosen).sum(), (per_sequence * (1 - chosen)).sum()
 
@@ -157,12 +158,9 @@ def _paired_loss(method, _input, weight, target, bias, *, ignore_index, alpha, c
                                      impl=impl)
         nll = -nll_tokens.sum() / (nll_target[:half] != ignore_index).sum()
         loss, nll_loss = loss + alpha * nll, nll.detach()
-    with torch.no_grad():  # Σ over positions and vocabulary of the raw logits, in closed form
-        per_sequence = _input.float().sum(1) @ weight.float().sum(0)
-        if bias is not None:
-            per_sequence = per_sequence + _input.shape[1] * bias.float().sum()
-        scale = half * _input.shape[1] * weight.shape[0]
-        logits_means = (per_sequence[:half].sum() / scale, per_sequence[half:].sum() / scale)
+    chosen = torch.arange(_input.shape[0], device=_input.device) < half
+    logits_means = tuple(total / (half * _input.shape[1] * weight.shape[0])
+                         for total in _logits_sums(_input, weight, bias, chosen))
     aux = tuple(a.sum() / max(half, 1) for a in out.aux)  # ORPO: the means of log σ(log odds ratio) and the ratio
     return loss, (out.chosen_logps, out.rejected_logps, *logits_means, nll_loss, out.chosen_rewards,
                   out.rejected_rewards, *aux)
